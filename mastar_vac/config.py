@@ -1,0 +1,231 @@
+"""Run configuration: one typed place, loaded from TOML files under ``pipelines/``.
+
+Every section is a frozen dataclass; :func:`load_config` reads a TOML file, rejects
+unknown sections and keys (a typo must not silently fall back to a default), checks
+types, and resolves paths. Relative paths are taken relative to the current working
+directory, as with any command-line tool; ``~`` and ``$VARS`` are expanded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = [
+    "Config",
+    "InputsConfig",
+    "CubeConfig",
+    "NormalizeConfig",
+    "OutputConfig",
+    "ClusterConfig",
+    "load_config",
+    "default_config_path",
+    "config_hash",
+]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    seed: int = 20221
+
+
+@dataclass(frozen=True)
+class InputsConfig:
+    """Survey files. With ``demo = true`` the embedded MILES-based demo files are used
+    for every survey file left empty."""
+
+    demo: bool = False
+    demo_stars: int | None = None  # limit the demo to its first N MILES stars (tests)
+    goodspec: Path | None = None
+    mastarall: Path | None = None
+    allstar: Path | None = None
+    gaia_xmatch: Path | None = None
+    combspec: Path | None = None
+    lamost: Path | None = None
+    segue: Path | None = None
+    gaia_dr3: Path | None = None
+    synthetic_grid: Path | None = None
+
+
+@dataclass(frozen=True)
+class CubeConfig:
+    chunk: int = 1024  # visits per Zarr chunk and per Dask task
+    bad_mask_bits: int = -1  # MASK bits that make a pixel unusable; -1 = any bit, 0 = ignore MASK
+
+
+@dataclass(frozen=True)
+class NormalizeConfig:
+    window: int = 400  # pixels in the running median (paper §2.2)
+    min_count: int = 40  # fewer usable pixels in a window: continuum undefined there
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: Path = Path("output")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    scheduler: str | None = None  # address of a running scheduler; None = start a LocalCluster
+    n_workers: int = 2
+    threads_per_worker: int = 1
+    memory_limit: str = "4GiB"
+    processes: bool = True
+    profile: Path | None = None  # e.g. pipelines/cluster/slurm.toml (dask-jobqueue)
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    inputs: InputsConfig = field(default_factory=InputsConfig)
+    cube: CubeConfig = field(default_factory=CubeConfig)
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    source: Path | None = None  # the TOML file this came from
+
+    def replace(self, section: str, **changes: Any) -> Config:
+        """A copy with some keys of one section changed (e.g. from the command line)."""
+        return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
+
+    def to_dict(self) -> dict[str, Any]:
+        def conv(v: Any) -> Any:
+            if isinstance(v, Path):
+                return str(v)
+            if dataclasses.is_dataclass(v):
+                return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+            if isinstance(v, (list, tuple)):
+                return [conv(x) for x in v]
+            return v
+
+        d = conv(self)
+        d.pop("source", None)
+        return d
+
+
+def config_hash(section: Any) -> str:
+    """Short stable hash of a config section (or any JSON-able value): cache keys."""
+    if dataclasses.is_dataclass(section):
+        section = Config.to_dict(section) if isinstance(section, Config) else dataclasses.asdict(section)
+    return hashlib.sha256(json.dumps(section, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def default_config_path() -> Path:
+    """``pipelines/demo.toml`` of the source tree, or the copy installed with the package."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "pipelines" / "demo.toml", here / "pipelines" / "demo.toml"):
+        if candidate.exists():
+            return candidate
+    raise ConfigError("pipelines/demo.toml not found; pass --config")
+
+
+def _expand(p: str) -> Path:
+    return Path(os.path.expandvars(os.path.expanduser(p)))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if tp is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}: expected a path string, got {value!r}")
+        return _expand(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, where)
+    return value
+
+
+def _from_dict(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a table")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    where = str(cfg.source) if cfg.source else "config"
+    if cfg.cube.chunk < 1:
+        raise ConfigError(f"{where}: cube.chunk must be >= 1, got {cfg.cube.chunk}")
+    if cfg.normalize.window < 3:
+        raise ConfigError(f"{where}: normalize.window must be >= 3, got {cfg.normalize.window}")
+    if not 1 <= cfg.normalize.min_count <= cfg.normalize.window:
+        raise ConfigError(f"{where}: normalize.min_count must be in [1, window]")
+    if cfg.cluster.n_workers < 1 or cfg.cluster.threads_per_worker < 1:
+        raise ConfigError(f"{where}: cluster.n_workers and threads_per_worker must be >= 1")
+    if not cfg.inputs.demo and cfg.inputs.goodspec is None:
+        raise ConfigError(f"{where}: [inputs] needs goodspec (or demo = true)")
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read and validate a TOML configuration (default: ``pipelines/demo.toml``)."""
+    p = Path(path) if path is not None else default_config_path()
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: configuration file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot be read ({exc.strerror})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML ({exc})") from None
+    try:
+        cfg = _from_dict(Config, data, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+    cfg = dataclasses.replace(cfg, source=p.resolve())
+    _validate(cfg)
+    return cfg

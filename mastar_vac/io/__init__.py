@@ -1,0 +1,1 @@
+"""Readers and writers: one small module per file format."""

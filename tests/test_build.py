@@ -1,0 +1,67 @@
+"""End to end: `python -m mastar_vac.build` on a small demo."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(tmp_path: Path, stars: int = 25) -> Path:
+    text = (ROOT / "pipelines" / "demo.toml").read_text()
+    text = text.replace("demo = true", f"demo = true\ndemo_stars = {stars}")
+    text = text.replace('dir = "output/demo"', f'dir = "{tmp_path / "out"}"')
+    p = tmp_path / "small.toml"
+    p.write_text(text)
+    return p
+
+
+@pytest.fixture(scope="module")
+def small_build(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("build")
+    env = dict(os.environ, MASTAR_VAC_CACHE=str(tmp / "cache"), MASTAR_VAC_PROGRESS="0")
+    cfg = _config(tmp)
+    proc = subprocess.run([sys.executable, "-m", "mastar_vac.build", "--config", str(cfg)], cwd=tmp, env=env,
+                          capture_output=True, text=True, timeout=900)
+    return tmp, cfg, env, proc
+
+
+def test_build_runs_and_reports(small_build):
+    tmp, _, _, proc = small_build
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ingest" in proc.stdout and "normalize" in proc.stdout
+    assert (tmp / "out" / "cube.zarr").is_dir()
+
+
+def test_second_build_reuses_stages(small_build):
+    tmp, cfg, env, first = small_build
+    assert first.returncode == 0
+    proc = subprocess.run([sys.executable, "-m", "mastar_vac.build", "--config", str(cfg)], cwd=tmp, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for stage in ("ingest", "normalize"):
+        line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(stage))
+        assert "reused" in line, line
+
+
+def test_bad_config_exits_with_a_clear_message(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text("[inputs]\ngoodspec = 'missing.fits'\n[normalize]\nwindow = 'x'\n")
+    proc = subprocess.run([sys.executable, "-m", "mastar_vac.build", "--config", str(p)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "normalize.window: expected an integer" in proc.stderr
+
+
+def test_missing_input_file_exits_with_its_name(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text(f"[inputs]\ngoodspec = '{tmp_path / 'nope.fits.gz'}'\n[output]\ndir = '{tmp_path / 'o'}'\n")
+    proc = subprocess.run([sys.executable, "-m", "mastar_vac.build", "--config", str(p)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "nope.fits.gz: file not found" in proc.stderr

@@ -1,0 +1,386 @@
+"""The embedded demo data (mastar_vac.demo): files, determinism, physics, flags, cache."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mastar_vac import demo, lsf
+from mastar_vac.demo import (
+    ASPCAPFLAG_BITS,
+    EXTRATARG_DUPLICATE,
+    MASK_BITS,
+    MILES_SIGMA_PIX,
+    MJDQUAL_BITS,
+    STARFLAG_BITS,
+    DemoFiles,
+    LsfModel,
+    degrade_miles,
+    demo_files,
+)
+from mastar_vac.io.allstar import read_allstar
+from mastar_vac.io.fitstable import read_table
+from mastar_vac.io.gaia_xmatch import read_gaia_xmatch
+from mastar_vac.io.goodspec import VISIT_KEY, SpectraReader
+from mastar_vac.io.mastarall import read_goodstars, read_goodvisits
+
+N_STARS = 80  # includes m0078, the first MILES star with a placeholder label
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> DemoFiles:
+    return demo_files(tmp_path_factory.mktemp("cache"), n_stars=N_STARS)
+
+
+@pytest.fixture(scope="module")
+def spectra(files: DemoFiles):  # noqa: ANN201
+    with SpectraReader(files.goodspec) as r:
+        blocks = list(r.iter_blocks(4096))
+    assert len(blocks) == 1
+    return blocks[0]
+
+
+@pytest.fixture(scope="module")
+def library() -> demo.MilesLibrary:
+    return demo.load_miles(N_STARS)
+
+
+@pytest.fixture(scope="module")
+def model(library: demo.MilesLibrary) -> LsfModel:
+    hc = demo.load_mastarhc()
+    return LsfModel.from_resolution(library.wave_air, np.median(hc.sres, axis=0))
+
+
+@pytest.fixture(scope="module")
+def labels(files: DemoFiles) -> pd.DataFrame:
+    return pd.read_csv(files.labels)
+
+
+def _bit(values: np.ndarray, bit: int) -> np.ndarray:
+    return (np.asarray(values).astype(np.int64) & (np.int64(1) << bit)) != 0
+
+
+# ---- files and layouts ---------------------------------------------------------------
+
+
+def test_files_exist_and_read_back(files: DemoFiles, spectra) -> None:  # noqa: ANN001
+    for p in (files.goodspec, files.mastarall, files.allstar, files.gaia_xmatch, files.labels, files.manifest):
+        assert p.is_file() and p.parent == files.root
+    assert files.goodspec.name == "mastar-goodspec-v3_1_1-v1_7_7.fits.gz"
+    assert files.mastarall.name == "mastarall-v3_1_1-v1_7_7.fits"
+    assert files.allstar.name == "allStar-dr17-synspec_rev1.fits"
+    assert files.gaia_xmatch.name == "mastarall-gaiaedr3-extcorr-simbad-ps1-v3_1_1-v1_7_7-v1.fits"
+    assert files.root.name == f"demo-v{demo.FORMAT_VERSION}-s{demo.DEFAULT_SEED}-n{N_STARS}"
+
+    gv = read_goodvisits(files.mastarall)
+    gs = read_goodstars(files.mastarall)
+    assert len(spectra) == len(gv)
+    key_spec = pd.DataFrame({k: spectra.meta[k] for k in VISIT_KEY})
+    assert not key_spec.duplicated().any()
+    pd.testing.assert_frame_equal(key_spec.reset_index(drop=True), gv[list(VISIT_KEY)].reset_index(drop=True),
+                                  check_dtype=False)
+    np.testing.assert_array_equal(spectra.meta["S2N"], gv["S2N"].to_numpy())
+    assert spectra.meta["S2N"].dtype == np.float32
+
+    # one GOODSTARS row per star, with its visit count
+    assert gs["MANGAID"].is_unique
+    assert set(gs["MANGAID"]) == set(gv["MANGAID"])
+    nvis = gv.groupby("MANGAID").size()
+    assert (gs.set_index("MANGAID")["NVISITS"] == nvis.reindex(gs["MANGAID"]).to_numpy()).all()
+    assert gs["NVISITS"].max() <= 5
+
+    manifest = json.loads(files.manifest.read_text())
+    c = manifest["counts"]
+    assert manifest["seed"] == demo.DEFAULT_SEED and manifest["n_stars"] == N_STARS
+    assert c["visits"] == len(gv) and c["stars"] == len(gs)
+    assert c["miles_stars"] == N_STARS and c["hc_stars"] == c["stars"] - N_STARS
+    assert set(manifest["files"].values()) == {p.name for p in files.root.iterdir()} - {"manifest.json"}
+
+    # MaStarHC targets: one visit each, unlabelled
+    hc = gs[gs["MANGAID"].str.startswith("hc-")]
+    assert len(hc) == c["hc_stars"] > 30
+    assert (hc["NVISITS"] == 1).all() and (hc["INPUT_TEFF"].isna() | (hc["INPUT_TEFF"] == -999)).all()
+
+
+def test_identifiers_and_metadata(files: DemoFiles) -> None:
+    gv = read_goodvisits(files.mastarall)
+    miles = gv[gv["MANGAID"].str.startswith("3-")]
+    assert miles["MANGAID"].str.len().max() <= 22
+    assert miles["PLATE"].between(8000, 12000).all() and gv["MJD"].between(57000, 59000).all()
+    assert set(gv["IFUDESIGN"]) <= set(demo._IFUDESIGNS)
+    # visits of a star differ in MJD; some repeat visits share a plate
+    assert not gv.duplicated(["MANGAID", "MJD"]).any()
+    per_star = miles.groupby("MANGAID")["PLATE"].agg(["size", "nunique"])
+    assert (per_star["nunique"] < per_star["size"]).any()
+    assert gv["RA"].between(0, 360).all() and gv["DEC"].between(-90, 90).all()
+    assert (gv["EPOCH"] == 2000).all()
+    assert _bit(gv["MJDQUAL"], MJDQUAL_BITS["EMLINE"]).any()
+    lowsn = _bit(gv["MJDQUAL"], MJDQUAL_BITS["LOWSN"])
+    np.testing.assert_array_equal(lowsn, gv["S2N"].to_numpy() <= 15)
+    assert (gv["VELVARFLAG"] == 1).any()
+    vv = gv[gv["VELVARFLAG"] == 1]
+    assert (vv["DV_MAXSIG"] > 3).all()
+    frac_hi = (gv["S2N"] >= 50).mean()
+    assert 0.75 < frac_hi < 0.97
+
+
+def test_gaia_xmatch(files: DemoFiles) -> None:
+    g = read_gaia_xmatch(files.gaia_xmatch)
+    gs = read_goodstars(files.mastarall)
+    assert len(g) == len(gs) and set(g["MANGAID"]) == set(gs["MANGAID"])
+    sid = g["SOURCE_ID"].to_numpy(dtype=np.int64)
+    assert (sid > 0).all() and len(np.unique(sid)) == len(sid)
+    sep = np.hypot((g["GAIARA"] - g["RA"]) * np.cos(np.radians(g["DEC"])), g["GAIADEC"] - g["DEC"]) * 3600
+    assert sep.max() < 1.0
+    assert g["PHOT_G_MEAN_MAG"].isna().all() and g["BPRPC"].isna().all()  # no invented photometry
+
+
+def test_labels_csv(labels: pd.DataFrame, library: demo.MilesLibrary) -> None:
+    assert list(labels.columns) == ["miles_id", "miles_name", "mangaid", "teff", "logg", "fe_h"]
+    assert len(labels) == N_STARS and labels["mangaid"].is_unique
+    np.testing.assert_array_equal(labels["miles_id"], library.ids)
+    row = labels.set_index("miles_id").loc[78]  # catalogue: 13800 2.44 9999
+    assert row["teff"] == 13800 and row["logg"] == 2.44 and np.isnan(row["fe_h"])
+
+
+def test_miles_params_quirks() -> None:
+    d = demo.templates_dir() / "miles"
+    known = range(1, 986)
+    params = demo.read_miles_params(d / "MILES_params.db", known_ids=known)
+    assert len(params) == 985
+    assert params[221] == (7950.0, 3.95, 0.35)  # printed "022."
+    bad = [i for i, v in params.items() if not np.all(np.isfinite(v))]
+    assert len(bad) == 39
+    assert all(np.isnan(v) for v in params[407])  # 99999 9999 9999
+
+
+# ---- determinism ------------------------------------------------------------------------
+
+
+def test_deterministic(tmp_path: Path) -> None:
+    a = demo_files(tmp_path / "a", n_stars=4)
+    b = demo_files(tmp_path / "b", n_stars=4)
+    c = demo_files(tmp_path / "c", n_stars=4, seed=7)
+    for name in ("goodspec", "mastarall", "allstar", "gaia_xmatch", "labels", "manifest"):
+        assert getattr(a, name).read_bytes() == getattr(b, name).read_bytes(), name
+    assert a.goodspec.read_bytes() != c.goodspec.read_bytes()
+    with gzip.open(a.goodspec) as fh:  # still a valid gzip stream, named after itself
+        assert fh.read(6) == b"SIMPLE"
+    assert a.goodspec.read_bytes()[10:].startswith(b"mastar-goodspec-v3_1_1-v1_7_7.fits\0")
+    assert a.allstar.read_bytes() != c.allstar.read_bytes()
+
+
+# ---- spectra ------------------------------------------------------------------------------
+
+
+def test_pixels_outside_miles_are_nodata(spectra, model: LsfModel, files: DemoFiles) -> None:  # noqa: ANN001
+    miles = np.char.startswith(spectra.meta["MANGAID"].astype(str), "3-")
+    lo, hi = model.miles_wave[0], model.miles_wave[-1]
+    outside = (model.wave > hi - 1.0) | (model.wave < lo + 1.0)
+    nodata = _bit(spectra.mask, MASK_BITS["NODATA"])
+    assert outside.sum() > 1000  # MILES stops at ~7410 A, MaStar goes to 10354 A
+    assert (spectra.ivar[miles][:, outside] == 0).all()
+    assert nodata[miles][:, outside].all()
+    assert (spectra.flux[miles][:, outside] == 0).all()
+    inside = (model.wave > lo + 5) & (model.wave < hi - 5)
+    assert not nodata[:, inside].any()
+    # the MaStarHC visits are real and cover the whole grid
+    assert (spectra.ivar[~miles][:, outside] > 0).mean() > 0.95
+
+
+def test_snr_matches_s2n(spectra) -> None:  # noqa: ANN001
+    ok = (spectra.ivar > 0) & np.isfinite(spectra.flux)
+    s2n = spectra.meta["S2N"]
+    checked = 0
+    for i in np.flatnonzero(s2n > 0):
+        med = np.median(spectra.flux[i][ok[i]] * np.sqrt(spectra.ivar[i][ok[i]]))
+        assert abs(med / s2n[i] - 1) < 0.15, (i, med, s2n[i])
+        checked += 1
+    assert checked == len(s2n) - 1  # all but the zero-ivar visit
+
+
+def test_lsf_kernel_variance_in_miles_frame(model: LsfModel) -> None:
+    factor = 1.04
+    s = model.extra_sigma_pix(factor)
+    j = int(np.searchsorted(model.miles_wave, 6000.0))
+    target_pix = model.target_sigma_miles[j] * factor / model.miles_dlam[j]
+    assert target_pix > MILES_SIGMA_PIX  # MaStar is coarser than MILES here
+    assert np.isclose(s[j] ** 2, target_pix**2 - MILES_SIGMA_PIX**2)
+    delta = np.zeros(model.miles_wave.size)
+    delta[j] = 1.0
+    out = lsf.broaden(delta, s)
+    k = np.arange(delta.size) - j
+    assert np.isclose(out.sum(), 1.0, rtol=1e-3)  # gather form: σ varies across the kernel
+    assert np.isclose((out * k**2).sum(), s[j] ** 2, rtol=0.02)  # local σ varies slowly
+    # nothing is sharpened where MaStar is finer than MILES
+    assert (model.extra_sigma_pix(0.5) == 0).any() and (s >= 0).all()
+
+
+def test_disp_is_target_times_visit_factor(spectra, model: LsfModel) -> None:  # noqa: ANN001
+    miles = np.char.startswith(spectra.meta["MANGAID"].astype(str), "3-")
+    red = (model.wave > 5000) & (model.wave < 7300)
+    ratio = spectra.disp[miles][:, red] / model.target_sigma[red]
+    f = np.median(ratio, axis=1)
+    assert np.allclose(ratio, f[:, None], rtol=2e-3)  # one factor per visit
+    assert f.min() >= 0.93 - 1e-3 and f.max() <= 1.07 + 1e-3
+    assert 0.01 < f.std() < 0.05
+    assert np.isfinite(spectra.disp).all() and (spectra.disp > 0).all()
+
+
+def test_visit_matches_degraded_miles(spectra, model: LsfModel, library: demo.MilesLibrary,
+                                      labels: pd.DataFrame) -> None:  # noqa: ANN001
+    """A high-S/N visit is the MILES spectrum at the recorded LSF, plus noise: χ²/pixel ≈ 1
+    at DISP's factor and clearly worse without the extra broadening or with 10% more."""
+    index = {m: i for i, m in enumerate(labels["mangaid"])}
+    red = (model.wave > 5000) & (model.wave < 7300)
+    mid = spectra.meta["MANGAID"].astype(str)
+    rows = [i for i in np.flatnonzero(spectra.meta["S2N"] > 120) if mid[i] in index][:6]
+    assert rows
+    for v in rows:
+        k = index[mid[v]]
+        f = float(np.median(spectra.disp[v][red] / model.target_sigma[red]))
+        chi = []
+        for factor in (f, 0.0, 1.1 * f):
+            exp = degrade_miles(library.flux[k], model, [factor])[0][0]
+            ok = (spectra.ivar[v] > 0) & np.isfinite(spectra.flux[v]) & np.isfinite(exp)
+            w = spectra.ivar[v][ok]
+            a = np.sum(spectra.flux[v][ok] * exp[ok] * w) / np.sum(exp[ok] ** 2 * w)
+            chi.append(np.mean((spectra.flux[v][ok] - a * exp[ok]) ** 2 * w))
+        assert 0.85 < chi[0] < 1.15, (mid[v], chi)
+        assert chi[0] < chi[1] and chi[0] < chi[2], (mid[v], chi)
+
+
+def test_pixel_problems(spectra, files: DemoFiles) -> None:  # noqa: ANN001
+    zero = np.flatnonzero((spectra.ivar == 0).all(axis=1))
+    assert len(zero) == 1
+    gv = read_goodvisits(files.mastarall)
+    z = zero[0]
+    assert gv.iloc[z]["MANGAID"] == spectra.meta["MANGAID"][z]
+    assert gv.iloc[z]["BADPIXFRAC"] == 1.0 and spectra.meta["S2N"][z] == 0
+    manifest = json.loads(files.manifest.read_text())
+    assert manifest["special_rows"]["zero_ivar_visit_row"] == z
+    cosmic = _bit(spectra.mask, MASK_BITS["COSMIC"])
+    assert cosmic.any(axis=1).sum() >= 1
+    assert (spectra.ivar[cosmic] == 0).all()
+    assert (~np.isfinite(spectra.flux)).any(axis=1).sum() >= 1
+    # MILES pixels <= 0 are masked, not passed on as data
+    badpix = _bit(spectra.mask, MASK_BITS["BADPIX"])
+    assert (spectra.ivar[badpix] == 0).all()
+
+
+# ---- allStar (the APOGEE overlap) --------------------------------------------------------
+
+
+def _allstar_mangaid(files: DemoFiles, a: pd.DataFrame) -> np.ndarray:
+    """MANGAID of every allStar row: by Gaia id, else by position (as the pipeline does)."""
+    g = read_gaia_xmatch(files.gaia_xmatch)
+    by_id = dict(zip(g["SOURCE_ID"].astype("int64"), g["MANGAID"]))
+    out = []
+    for sid, ra, dec in zip(a["GAIAEDR3_SOURCE_ID"], a["RA"], a["DEC"]):
+        if sid > 0:
+            out.append(by_id[int(sid)])
+        else:
+            d = np.hypot((g["RA"] - ra) * np.cos(np.radians(dec)), g["DEC"] - dec) * 3600
+            assert d.min() < 1.5
+            out.append(g["MANGAID"].iloc[int(np.argmin(d))])
+    return np.array(out)
+
+
+def test_allstar_overlap(files: DemoFiles, labels: pd.DataFrame) -> None:
+    a = read_allstar(files.allstar)
+    raw = read_table(files.allstar, columns=["TEFF", "LOGG", "FE_H"])
+    mangaid = _allstar_mangaid(files, a)
+    lab = labels.set_index("mangaid")
+    valid_lab = lab[["teff", "logg", "fe_h"]].notna().all(axis=1)
+    assert set(mangaid) <= set(lab.index)  # only MILES stars
+    valid_row = a[["TEFF", "LOGG", "FE_H"]].notna().all(axis=1).to_numpy()
+    # no star with a catalogue placeholder appears with valid labels
+    assert valid_lab.reindex(mangaid[valid_row]).all()
+    # valid rows carry the catalogue labels (the duplicate rows are perturbed)
+    main = valid_row & ~_bit(a["EXTRATARG"], EXTRATARG_DUPLICATE)
+    np.testing.assert_allclose(a["TEFF"][main], lab.loc[mangaid[main], "teff"], rtol=1e-6)
+    np.testing.assert_allclose(a["FE_H"][main], lab.loc[mangaid[main], "fe_h"], atol=1e-6)
+    np.testing.assert_allclose(a["M_H"][main], a["FE_H"][main])
+    assert a["ALPHA_M"].isna().all() and a["VMICRO"].isna().all()
+    # most labelled stars are in the overlap
+    frac = len(set(mangaid[valid_row])) / valid_lab.sum()
+    assert 0.7 < frac <= 1.0
+    # missing labels come as NaN and as -9999 in the file
+    teff_raw = np.asarray(raw["TEFF"])
+    assert np.isnan(teff_raw).any() and (teff_raw == -9999).any()
+    # Gaia ids: most match the crossmatch VAC, some are 0 (positional fallback)
+    sid = a["GAIAEDR3_SOURCE_ID"].to_numpy()
+    assert (sid == 0).any() and (sid > 0).mean() > 0.6
+    assert a["APOGEE_ID"].str.startswith("2M").all()
+
+
+def test_allstar_flags(files: DemoFiles) -> None:
+    a = read_allstar(files.allstar)
+    dup = _bit(a["EXTRATARG"], EXTRATARG_DUPLICATE)
+    assert dup.sum() >= 1
+    primary_ids = set(a["APOGEE_ID"][~dup])
+    assert set(a["APOGEE_ID"][dup]) <= primary_ids  # a second row of a star already there
+    assert _bit(a["ASPCAPFLAG"], ASPCAPFLAG_BITS["STAR_BAD"]).sum() >= 1
+    binary = _bit(a["ASPCAPFLAG"], ASPCAPFLAG_BITS["MULTIPLE_SUSPECT"])
+    for bit in STARFLAG_BITS.values():
+        binary |= _bit(a["STARFLAG"], bit)
+    assert binary.sum() >= 1
+    assert (a["VSCATTER"][binary] >= 1).all()
+
+
+# ---- cache ------------------------------------------------------------------------------------
+
+
+def test_cache_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = demo_files(tmp_path, n_stars=2)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in first.root.iterdir()}
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise AssertionError("rebuilt")
+
+    monkeypatch.setattr(demo, "build_demo", boom)
+    again = demo_files(tmp_path, n_stars=2)
+    assert again == first
+    assert {p.name: p.stat().st_mtime_ns for p in again.root.iterdir()} == mtimes
+    # the environment variable names the default cache
+    monkeypatch.setenv("MASTAR_VAC_CACHE", str(tmp_path))
+    assert demo.default_cache_dir() == tmp_path
+    assert demo_files(n_stars=2) == first
+    # force rebuilds (and here fails), leaving the existing demo and no partial build
+    with pytest.raises(AssertionError, match="rebuilt"):
+        demo_files(tmp_path, n_stars=2, force=True)
+    assert first.complete()
+    assert not [p for p in tmp_path.iterdir() if ".part-" in p.name]
+
+
+def test_killed_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = demo.build_demo
+
+    def half(out_dir: Path, **kwargs: object) -> dict:
+        real(out_dir, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "build_demo", half)
+    with pytest.raises(KeyboardInterrupt):
+        demo_files(tmp_path, n_stars=1)
+    assert list(tmp_path.iterdir()) == []
+    # an incomplete demo directory (no manifest) is rebuilt
+    monkeypatch.setattr(demo, "build_demo", real)
+    files = demo_files(tmp_path, n_stars=1)
+    files.manifest.unlink()
+    files = demo_files(tmp_path, n_stars=1)
+    assert files.complete()
+
+
+def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert demo.main(["--cache", str(tmp_path), "--n-stars", "1", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "mastar-goodspec-v3_1_1-v1_7_7.fits.gz" in out and "visits" in out
+    assert os.path.isdir(tmp_path / f"demo-v{demo.FORMAT_VERSION}-s{demo.DEFAULT_SEED}-n1")
+    assert demo.main(["--cache", str(tmp_path), "--n-stars", "0", "-q"]) == 1
