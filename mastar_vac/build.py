@@ -79,10 +79,9 @@ def resolve_inputs(cfg: Config) -> Config:
 def run_build(cfg: Config, *, scheduler: str | None = None, outdir: Path | None = None,
               progress: bool = True) -> BuildResult:
     """Run every stage; return what ran, what was reused and where the products are."""
+    from . import stages
     from .cluster import dask_client
-    from .ingest import ingest_spectra
     from .io.atomic import remove_stale_parts
-    from .normalize import normalize_cube
 
     outdir = Path(outdir or cfg.output.dir)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -90,37 +89,34 @@ def run_build(cfg: Config, *, scheduler: str | None = None, outdir: Path | None 
     if n_stale:
         log.info("removed %d partial file(s) left by an interrupted run in %s", n_stale, outdir)
     result = BuildResult(cfg, outdir)
-
-    def demo() -> tuple[str, str]:
-        nonlocal cfg
-        cfg = resolve_inputs(cfg)
-        result.config = cfg
-        return "ran", f"goodspec {cfg.inputs.goodspec}"
-
     if cfg.inputs.demo:
+        def demo() -> tuple[str, str]:
+            nonlocal cfg
+            cfg = resolve_inputs(cfg)
+            result.config = cfg
+            return "ran", f"goodspec {cfg.inputs.goodspec}"
+
         _stage(result, "demo data", demo)
 
-    cube_path = outdir / "cube.zarr"
-
-    def ingest() -> tuple[str, str]:
-        s = ingest_spectra(cfg.inputs.goodspec, cube_path, mastarall=cfg.inputs.mastarall,
-                           chunk=cfg.cube.chunk, bad_mask_bits=cfg.cube.bad_mask_bits, progress=progress)
-        status = "reused" if s.resumed and s.chunks_written == 0 else "ran"
-        flagged = sum(s.flag_counts.values())
-        return status, f"{s.nvisit} visits, {s.chunks_written} chunks written, {flagged} visit flags"
-
-    _stage(result, "ingest", ingest)
-    result.products["cube"] = cube_path
-
+    ctx = stages.StageContext(cfg, outdir, progress=progress)
+    _stage(result, "ingest", ctx.ingest)
+    result.products["cube"] = ctx.cube_path
     with dask_client(cfg.cluster, scheduler=scheduler) as client:
         log.info("Dask dashboard: %s", getattr(client, "dashboard_link", "n/a"))
-
-        def normalize() -> tuple[str, str]:
-            ran = normalize_cube(cube_path, window=cfg.normalize.window, min_count=cfg.normalize.min_count,
-                                 bad_mask_bits=cfg.cube.bad_mask_bits)
-            return ("ran" if ran else "reused"), f"window {cfg.normalize.window} px → norm_flux, norm_ivar"
-
-        _stage(result, "normalize", normalize)
+        _stage(result, "normalize", ctx.normalize)
+        if cfg.inputs.emulator is None:
+            _stage(result, "reference", ctx.reference)
+            result.products["reference"] = ctx.reference_path
+            _stage(result, "emulator", ctx.emulator)
+            result.products["emulator"] = ctx.emulator_path
+            result.products["diagnostic"] = ctx.diagnostic_path
+        else:
+            _stage(result, "emulator", ctx.use_given_emulator)
+        _stage(result, "fit", ctx.fit)
+        result.products["fits"] = ctx.fits_path
+        if cfg.inputs.emulator is None:
+            _stage(result, "validation", ctx.validation)
+            result.products["validation"] = ctx.validation_path.with_suffix(".txt")
     return result
 
 

@@ -8,6 +8,7 @@ directory, as with any command-line tool; ``~`` and ``$VARS`` are expanded.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import hashlib
 import json
@@ -19,7 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .emulator import TrainConfig
 from .errors import ConfigError
+from .fit import FitConfig
+from .reference import ReferenceConfig
+from .synthetic import SyntheticConfig
 
 __all__ = [
     "Config",
@@ -28,6 +33,10 @@ __all__ = [
     "NormalizeConfig",
     "OutputConfig",
     "ClusterConfig",
+    "ReferenceConfig",
+    "SyntheticConfig",
+    "TrainConfig",
+    "FitConfig",
     "load_config",
     "default_config_path",
     "config_hash",
@@ -55,7 +64,8 @@ class InputsConfig:
     lamost: Path | None = None
     segue: Path | None = None
     gaia_dr3: Path | None = None
-    synthetic_grid: Path | None = None
+    synthetic_grid: Path | None = None  # FERRE grid (.hdr/.unf or .dat) for the theoretical extension
+    emulator: Path | None = None  # a saved emulator to use instead of training one
 
 
 @dataclass(frozen=True)
@@ -91,6 +101,10 @@ class Config:
     inputs: InputsConfig = field(default_factory=InputsConfig)
     cube: CubeConfig = field(default_factory=CubeConfig)
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    emulator: TrainConfig = field(default_factory=TrainConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     source: Path | None = None  # the TOML file this came from
@@ -107,6 +121,8 @@ class Config:
                 return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
             if isinstance(v, (list, tuple)):
                 return [conv(x) for x in v]
+            if isinstance(v, collections.abc.Mapping):
+                return {k: conv(x) for k, x in v.items()}
             return v
 
         d = conv(self)
@@ -172,12 +188,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin in (tuple, list):
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
-        inner = args[0] if args else Any
-        return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
+        if args and args[-1] is not Ellipsis and len(args) != len(value):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        types_ = [args[0]] * len(value) if (not args or args[-1] is Ellipsis) else list(args)
+        return tuple(_coerce(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, types_)))
+    if origin in (dict, collections.abc.Mapping):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table, got {value!r}")
-        return dict(value)
+        vt = args[1] if len(args) == 2 else Any
+        return {k: _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
     if dataclasses.is_dataclass(tp):
         return _from_dict(tp, value, where)
     return value
@@ -192,7 +213,10 @@ def _from_dict(cls: type, data: Any, where: str) -> Any:
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:  # a section's own checks (e.g. bounds order)
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _validate(cfg: Config) -> None:
@@ -207,6 +231,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"{where}: cluster.n_workers and threads_per_worker must be >= 1")
     if not cfg.inputs.demo and cfg.inputs.goodspec is None:
         raise ConfigError(f"{where}: [inputs] needs goodspec (or demo = true)")
+    if not cfg.inputs.demo and cfg.inputs.allstar is None and cfg.inputs.emulator is None:
+        raise ConfigError(f"{where}: [inputs] needs allstar (to build the reference set and train the emulator) "
+                          "or emulator (a saved one)")
+    if not cfg.emulator.labels:
+        raise ConfigError(f"{where}: emulator.labels must name at least one label")
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:

@@ -16,6 +16,8 @@ def _config(tmp_path: Path, stars: int = 25) -> Path:
     text = (ROOT / "pipelines" / "demo.toml").read_text()
     text = text.replace("demo = true", f"demo = true\ndemo_stars = {stars}")
     text = text.replace('dir = "output/demo"', f'dir = "{tmp_path / "out"}"')
+    # a tiny, quick emulator: this test is about the plumbing, not the accuracy
+    text = text.replace("hidden = 256", "hidden = 32\nmax_epochs = 40\npatience = 20")
     p = tmp_path / "small.toml"
     p.write_text(text)
     return p
@@ -34,8 +36,20 @@ def small_build(tmp_path_factory):
 def test_build_runs_and_reports(small_build):
     tmp, _, _, proc = small_build
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ingest" in proc.stdout and "normalize" in proc.stdout
-    assert (tmp / "out" / "cube.zarr").is_dir()
+    for stage in ("ingest", "normalize", "reference", "emulator", "fit", "validation"):
+        assert any(ln.startswith(stage) for ln in proc.stdout.splitlines()), stage
+    out = tmp / "out"
+    assert (out / "cube.zarr").is_dir()
+    assert (out / "emulator" / "weights.safetensors").exists()
+    assert (out / "training" / "emulator_diagnostic.png").exists()
+    assert (out / "validation" / "table1.txt").exists()
+    import pandas as pd
+
+    fits = pd.read_parquet(out / "fit" / "fits.parquet")
+    import xarray as xr
+
+    n = xr.open_zarr(out / "cube.zarr").sizes["visit"]
+    assert len(fits) == n and not fits.duplicated(["MANGAID", "PLATE", "IFUDESIGN", "MJD"]).any()
 
 
 def test_second_build_reuses_stages(small_build):
@@ -44,7 +58,7 @@ def test_second_build_reuses_stages(small_build):
     proc = subprocess.run([sys.executable, "-m", "mastar_vac.build", "--config", str(cfg)], cwd=tmp, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for stage in ("ingest", "normalize"):
+    for stage in ("ingest", "normalize", "reference", "emulator", "fit", "validation"):
         line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(stage))
         assert "reused" in line, line
 
@@ -60,7 +74,8 @@ def test_bad_config_exits_with_a_clear_message(tmp_path):
 
 def test_missing_input_file_exits_with_its_name(tmp_path):
     p = tmp_path / "c.toml"
-    p.write_text(f"[inputs]\ngoodspec = '{tmp_path / 'nope.fits.gz'}'\n[output]\ndir = '{tmp_path / 'o'}'\n")
+    p.write_text(f"[inputs]\ngoodspec = '{tmp_path / 'nope.fits.gz'}'\nallstar = '{tmp_path / 'a.fits'}'\n"
+                 f"[output]\ndir = '{tmp_path / 'o'}'\n")
     proc = subprocess.run([sys.executable, "-m", "mastar_vac.build", "--config", str(p)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2

@@ -49,11 +49,27 @@ def test_bad_toml_and_missing_file(tmp_path):
 def test_needs_goodspec_unless_demo(tmp_path):
     with pytest.raises(ConfigError, match="needs goodspec"):
         load_config(_write(tmp_path, "[inputs]\nallstar = 'a.fits'\n"))
+    with pytest.raises(ConfigError, match="needs allstar"):
+        load_config(_write(tmp_path, "[inputs]\ngoodspec = 'g.fits'\n"))
+
+
+def test_section_checks_become_config_errors(tmp_path):
+    p = _write(tmp_path, "[inputs]\ndemo = true\n[fit.bounds]\nTEFF = [9000, 3000]\n")
+    with pytest.raises(ConfigError, match="fit: fit.bounds.TEFF: lower bound"):
+        load_config(p)
+    p = _write(tmp_path, "[inputs]\ndemo = true\n[fit.bounds]\nTEFF = [3000]\n")
+    with pytest.raises(ConfigError, match="list of 2 values"):
+        load_config(p)
+    p = _write(tmp_path, "[inputs]\ndemo = true\n[reference]\ncuts = ['binary', 'nonsense']\n")
+    with pytest.raises(ConfigError, match="unknown cut"):
+        load_config(p)
+    cfg = load_config(_write(tmp_path, "[inputs]\ndemo = true\n[fit.bounds]\nTEFF = [3500, 9000]\n"))
+    assert cfg.fit.bounds["TEFF"] == (3500.0, 9000.0) and cfg.fit.bounds["LOGG"] == (-1.0, 5.5)
 
 
 def test_paths_expand(tmp_path, monkeypatch):
     monkeypatch.setenv("MYDATA", "/data/sdss")
-    cfg = load_config(_write(tmp_path, "[inputs]\ngoodspec = '$MYDATA/gs.fits.gz'\n"))
+    cfg = load_config(_write(tmp_path, "[inputs]\ngoodspec = '$MYDATA/gs.fits.gz'\nallstar = 'a.fits'\n"))
     assert cfg.inputs.goodspec == Path("/data/sdss/gs.fits.gz")
 
 

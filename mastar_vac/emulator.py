@@ -1,0 +1,652 @@
+"""The spectral emulator: a Payne-style fully connected network, labels → normalized flux.
+
+Architecture (Ting et al. 2019, The Payne; Imig et al. 2022 §3.1): min–max scaled labels
+→ hidden → hidden → one output per pixel. The activation is configurable; the default
+is SiLU, because with piecewise-linear activations (LeakyReLU) the emulated spectrum is
+piecewise linear in the labels and χ² fits land in shallow spurious minima (DESIGN.md,
+"Smooth activations fit better"); a smooth network also has a smooth exact Jacobian,
+which the batched fitter uses.
+
+The model is a small :class:`Emulator` object (numpy weights, label names and scaling,
+wavelength grid, training configuration and metrics) that can be sent to Dask workers
+once, saved without pickle (safetensors + JSON, verified by content hash on load), and
+exported to/imported from The Payne's ``NN_normalized_spectra.npz`` layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .errors import ArtifactError
+
+__all__ = [
+    "ACTIVATIONS",
+    "Emulator",
+    "TrainConfig",
+    "TrainResult",
+    "train_emulator",
+    "save_emulator",
+    "load_emulator",
+    "export_payne_npz",
+    "import_payne_npz",
+    "split_indices",
+    "flux_accuracy",
+    "emulator_diagnostic",
+    "format_diagnostic",
+]
+
+log = logging.getLogger(__name__)
+
+ACTIVATIONS = ("silu", "leakyrelu", "sigmoid", "tanh", "gelu")
+ARTIFACT_FORMAT = 1
+
+
+def _act_numpy(name: str, x: NDArray) -> NDArray:
+    if name == "silu":
+        return x / (1.0 + np.exp(-x))
+    if name == "leakyrelu":
+        return np.where(x > 0, x, 0.01 * x)
+    if name == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-x))
+    if name == "tanh":
+        return np.tanh(x)
+    if name == "gelu":
+        from scipy.special import erf
+
+        return 0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))
+    raise ValueError(f"unknown activation {name!r}; choose from {ACTIVATIONS}")
+
+
+@dataclass
+class Emulator:
+    """A trained emulator: weights plus everything needed to use it correctly.
+
+    ``weights`` holds ``w0 (h, L), b0 (h), w1 (h, h), b1 (h), w2 (P, h), b2 (P)`` in
+    ``torch.nn.Linear`` orientation (out, in), float32.
+    """
+
+    label_names: list[str]
+    x_min: NDArray[np.float64]
+    x_max: NDArray[np.float64]
+    wave: NDArray[np.float64]
+    weights: dict[str, NDArray[np.float32]]
+    activation: str = "silu"
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    pixel_mask: NDArray[np.bool_] | None = None  # pixels the emulator was trained on
+    # labels the network sees as log10 (x_min/x_max are then in log10 units). Teff spans
+    # 3,000–40,000 K: linear min–max scaling would squeeze every cool star into a few
+    # per cent of the input range, where the spectrum changes fastest.
+    log_labels: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.x_min = np.asarray(self.x_min, np.float64)
+        self.x_max = np.asarray(self.x_max, np.float64)
+        self.wave = np.asarray(self.wave, np.float64)
+        self.weights = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.weights.items()}
+        if self.pixel_mask is None:
+            self.pixel_mask = np.ones(len(self.wave), bool)
+        self.pixel_mask = np.asarray(self.pixel_mask, bool)
+        self.validate()
+        self._cache: dict[Any, Any] = {}
+
+    # Derived objects (torch tensors, start-grid spectra) are cached per process on the
+    # instance and dropped when it is pickled to a Dask worker.
+    def __getstate__(self) -> dict[str, Any]:
+        d = self.__dict__.copy()
+        d.pop("_cache", None)
+        return d
+
+    def __setstate__(self, d: dict[str, Any]) -> None:
+        self.__dict__.update(d)
+        self._cache = {}
+
+    def cached(self, key: Any, factory: Any) -> Any:
+        """``factory()`` computed once per process for this emulator and ``key``."""
+        if key not in self._cache:
+            self._cache[key] = factory()
+        return self._cache[key]
+
+    # -- shape checks ---------------------------------------------------------
+    def validate(self) -> None:
+        L, P = len(self.label_names), len(self.wave)
+        need = {"w0", "b0", "w1", "b1", "w2", "b2"}
+        if set(self.weights) != need:
+            raise ArtifactError(f"emulator weights must be {sorted(need)}, got {sorted(self.weights)}")
+        h = self.weights["w0"].shape[0]
+        expect = {"w0": (h, L), "b0": (h,), "w1": (h, h), "b1": (h,), "w2": (P, h), "b2": (P,)}
+        for k, shp in expect.items():
+            if self.weights[k].shape != shp:
+                raise ArtifactError(f"emulator weight {k} has shape {self.weights[k].shape}, expected {shp} "
+                                    f"({L} labels, {h} hidden, {P} pixels)")
+        if self.x_min.shape != (L,) or self.x_max.shape != (L,):
+            raise ArtifactError(f"label scaling has shape {self.x_min.shape}/{self.x_max.shape}, expected ({L},)")
+        if np.any(self.x_max <= self.x_min):
+            raise ArtifactError("label scaling: x_max must exceed x_min for every label")
+        if self.activation not in ACTIVATIONS:
+            raise ArtifactError(f"unknown activation {self.activation!r}")
+        if self.pixel_mask is not None and self.pixel_mask.shape != (P,):
+            raise ArtifactError(f"pixel mask has shape {self.pixel_mask.shape}, expected ({P},)")
+        unknown = set(self.log_labels) - set(self.label_names)
+        if unknown:
+            raise ArtifactError(f"log_labels {sorted(unknown)} are not labels of this emulator")
+
+    @property
+    def n_labels(self) -> int:
+        return len(self.label_names)
+
+    @property
+    def n_hidden(self) -> int:
+        return int(self.weights["w0"].shape[0])
+
+    @property
+    def n_pixels(self) -> int:
+        return len(self.wave)
+
+    # -- label transforms ------------------------------------------------------
+    @property
+    def _is_log(self) -> NDArray[np.bool_]:
+        return np.array([n in self.log_labels for n in self.label_names])
+
+    def transform(self, labels: NDArray) -> NDArray:
+        """Physical labels → the units the scaling is defined in (log10 where asked)."""
+        x = np.array(labels, np.float64)
+        lg = self._is_log
+        if lg.any():
+            with np.errstate(divide="ignore", invalid="ignore"):
+                x[..., lg] = np.log10(np.where(x[..., lg] > 0, x[..., lg], np.nan))
+        return x
+
+    def untransform(self, t: NDArray) -> NDArray:
+        x = np.array(t, np.float64)
+        lg = self._is_log
+        if lg.any():
+            x[..., lg] = 10.0 ** x[..., lg]
+        return x
+
+    # -- evaluation -----------------------------------------------------------
+    def scale(self, labels: NDArray) -> NDArray:
+        """Physical labels → the network's input, (t − t_min)/(t_max − t_min) − 0.5 with
+        t the (possibly log10) label."""
+        return (self.transform(labels) - self.x_min) / (self.x_max - self.x_min) - 0.5
+
+    def unscale(self, scaled: NDArray) -> NDArray:
+        return self.untransform((np.asarray(scaled, np.float64) + 0.5) * (self.x_max - self.x_min) + self.x_min)
+
+    def dlabel_dscaled(self, scaled: NDArray) -> NDArray:
+        """∂(physical label)/∂(scaled input), per label, at ``scaled`` (n, L): the factors
+        that carry a covariance from the fit's scaled space to physical units."""
+        span = self.x_max - self.x_min
+        d = np.broadcast_to(span, np.shape(scaled)).astype(np.float64).copy()
+        lg = self._is_log
+        if lg.any():
+            d[..., lg] *= np.log(10.0) * self.unscale(scaled)[..., lg]
+        return d
+
+    def predict(self, labels: NDArray) -> NDArray[np.float64]:
+        """Normalized flux (n, P) for labels (n, L) or (L,), in numpy float64."""
+        x = np.atleast_2d(self.scale(labels))
+        w = self.weights
+        h1 = _act_numpy(self.activation, x @ w["w0"].T.astype(np.float64) + w["b0"])
+        h2 = _act_numpy(self.activation, h1 @ w["w1"].T.astype(np.float64) + w["b1"])
+        out = h2 @ w["w2"].T.astype(np.float64) + w["b2"]
+        return out[0] if np.ndim(labels) == 1 else out
+
+    def torch_module(self, device: str = "cpu", dtype: Any = None) -> Any:
+        """The network as a ``torch.nn.Module`` on ``device`` (float32 by default)."""
+        import torch
+
+        m = PayneMLP(self.n_labels, self.n_hidden, self.n_pixels, self.activation)
+        with torch.no_grad():
+            for i, layer in enumerate((m.l0, m.l1, m.l2)):
+                layer.weight.copy_(torch.from_numpy(self.weights[f"w{i}"]))
+                layer.bias.copy_(torch.from_numpy(self.weights[f"b{i}"]))
+        return m.to(device=device, dtype=dtype or torch.float32).eval()
+
+    def content_hash(self) -> str:
+        """SHA-256 of the weights, scaling, grid and labels (what defines the model)."""
+        h = hashlib.sha256()
+        for k in sorted(self.weights):
+            h.update(k.encode())
+            h.update(np.ascontiguousarray(self.weights[k], np.float32).tobytes())
+        for arr in (self.x_min, self.x_max, self.wave):
+            h.update(np.ascontiguousarray(arr, np.float64).tobytes())
+        h.update(np.ascontiguousarray(self.pixel_mask, np.uint8).tobytes())
+        h.update(json.dumps([self.label_names, self.activation, sorted(self.log_labels)]).encode())
+        return h.hexdigest()
+
+
+def _torch_activation(name: str) -> Any:
+    import torch
+
+    return {"silu": torch.nn.SiLU, "leakyrelu": lambda: torch.nn.LeakyReLU(0.01), "sigmoid": torch.nn.Sigmoid,
+            "tanh": torch.nn.Tanh, "gelu": torch.nn.GELU}[name]()
+
+
+def _payne_mlp_class() -> type:
+    import torch
+
+    class _PayneMLP(torch.nn.Module):
+        """labels (scaled) → Linear → act → Linear → act → Linear → flux."""
+
+        def __init__(self, n_labels: int, n_hidden: int, n_pixels: int, activation: str = "silu") -> None:
+            super().__init__()
+            self.l0 = torch.nn.Linear(n_labels, n_hidden)
+            self.l1 = torch.nn.Linear(n_hidden, n_hidden)
+            self.l2 = torch.nn.Linear(n_hidden, n_pixels)
+            self.act = _torch_activation(activation)
+            self.activation = activation
+
+        def hidden(self, x: torch.Tensor) -> torch.Tensor:
+            return self.act(self.l1(self.act(self.l0(x))))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.l2(self.hidden(x))
+
+    return _PayneMLP
+
+
+def PayneMLP(n_labels: int, n_hidden: int, n_pixels: int, activation: str = "silu") -> Any:  # noqa: N802
+    """Construct the torch network (a factory, so that importing this module needs no torch)."""
+    return _payne_mlp_class()(n_labels, n_hidden, n_pixels, activation)
+
+
+# ---------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Emulator settings (the ``[emulator]`` section of a run configuration).
+
+    ``labels`` are allStar column names, or the derived ``ALPHA_FE`` ([α/M] + [M/H] −
+    [Fe/H]) and ``LOG10_VMICRO`` (log10 VMICRO); see :mod:`mastar_vac.reference`.
+    """
+
+    labels: tuple[str, ...] = ("TEFF", "LOGG", "FE_H", "ALPHA_FE", "LOG10_VMICRO")
+    hidden: int = 256
+    activation: str = "silu"
+    log_labels: tuple[str, ...] = ("TEFF",)  # labels the network sees as log10
+    learning_rate: float = 3e-3
+    weight_decay: float = 1e-5
+    batch_size: int = 256
+    max_epochs: int = 3000
+    patience: int = 200  # epochs without improvement of the test loss before stopping
+    max_minutes: float = 9.0  # wall-clock cap on training
+    error_floor: float = 0.01  # σ added in quadrature to the pixel errors in the loss weights
+    test_fraction: float = 0.1
+    validation_fraction: float = 0.1
+    seed: int = 20221
+    device: str = "auto"  # "auto" = a GPU when present, else CPU
+    threads: int = 0  # torch threads; 0 = leave torch's default
+
+
+@dataclass
+class TrainResult:
+    emulator: Emulator
+    history: dict[str, list[float]]
+    split: dict[str, NDArray[np.int64]]
+    seconds: float
+    epochs: int
+
+
+def split_indices(n: int, *, test_fraction: float = 0.1, validation_fraction: float = 0.1,
+                  seed: int = 20221) -> dict[str, NDArray[np.int64]]:
+    """Seeded 80/10/10 split: ``train``, ``test`` (early stopping), ``validation`` (held out)."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    n_val = int(round(validation_fraction * n))
+    n_test = int(round(test_fraction * n))
+    return {"validation": np.sort(order[:n_val]), "test": np.sort(order[n_val:n_val + n_test]),
+            "train": np.sort(order[n_val + n_test:])}
+
+
+def _pick_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def loss_weights(ivar: NDArray, error_floor: float) -> NDArray[np.float32]:
+    """Per-pixel loss weights: 0 where ivar = 0, else 1/(σ² + floor²) normalized to the
+    floor (so a pixel at infinite S/N weighs 1). The floor keeps very high S/N spectra
+    from dominating and absorbs the emulator's own systematic error."""
+    ivar = np.asarray(ivar, np.float64)
+    with np.errstate(divide="ignore"):
+        var = np.where(ivar > 0, 1.0 / np.maximum(ivar, 1e-30), np.inf)
+    w = error_floor**2 / (var + error_floor**2)
+    return np.where(ivar > 0, w, 0.0).astype(np.float32)
+
+
+def train_emulator(labels: NDArray, flux: NDArray, ivar: NDArray, *, label_names: Sequence[str],
+                   wave: NDArray, config: TrainConfig = TrainConfig(),
+                   split: Mapping[str, NDArray[np.int64]] | None = None,
+                   label_bounds: tuple[NDArray, NDArray] | None = None,
+                   progress: bool = True) -> TrainResult:
+    """Train an emulator on a reference set.
+
+    Parameters
+    ----------
+    labels, flux, ivar
+        (n, L) labels and (n, P) normalized flux and inverse variance. Pixels with
+        ``ivar == 0`` carry no weight in the loss.
+    split
+        Indices ``train``/``test``/``validation``; default :func:`split_indices`. The test
+        set drives early stopping; the validation set is never touched here.
+    label_bounds
+        (x_min, x_max) for the min–max scaling; default: the training labels' range.
+    """
+    import torch
+
+    from .progress import progress_bar
+
+    t0 = time.perf_counter()
+    labels = np.asarray(labels, np.float64)
+    flux = np.asarray(flux, np.float32)
+    ivar = np.asarray(ivar, np.float32)
+    n, L = labels.shape
+    P = flux.shape[1]
+    if flux.shape != (n, P) or ivar.shape != (n, P) or len(label_names) != L or len(wave) != P:
+        raise ValueError(f"shapes disagree: labels {labels.shape}, flux {flux.shape}, ivar {ivar.shape}, "
+                         f"{len(label_names)} label names, {len(wave)} wavelengths")
+    if not np.isfinite(labels).all():
+        raise ValueError("labels contain NaN/inf: clean the reference set first")
+    if config.activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {config.activation!r}; choose from {ACTIVATIONS}")
+    split = dict(split) if split is not None else split_indices(
+        n, test_fraction=config.test_fraction, validation_fraction=config.validation_fraction, seed=config.seed)
+    tr, te = split["train"], split["test"]
+    if len(tr) == 0 or len(te) == 0:
+        raise ValueError(f"need training and test spectra, got {len(tr)} and {len(te)}")
+    log_labels = tuple(n for n in config.log_labels if n in label_names)
+    is_log = np.array([n in log_labels for n in label_names])
+    if np.any(labels[:, is_log] <= 0):
+        raise ValueError(f"labels {list(log_labels)} are scaled as log10 and must be positive")
+    tlabels = labels.copy()
+    tlabels[:, is_log] = np.log10(labels[:, is_log])
+    if label_bounds is None:
+        x_min, x_max = tlabels[tr].min(axis=0), tlabels[tr].max(axis=0)
+    else:
+        x_min, x_max = (np.array(b, np.float64) for b in label_bounds)
+        x_min[is_log], x_max[is_log] = np.log10(x_min[is_log]), np.log10(x_max[is_log])
+    span = np.where(x_max > x_min, x_max - x_min, 1.0)
+    x_max = x_min + span
+    scaled = ((tlabels - x_min) / span - 0.5).astype(np.float32)
+    weights = loss_weights(ivar, config.error_floor)
+    pixel_mask = (weights[tr] > 0).any(axis=0)
+    flux_filled = np.where(weights > 0, flux, 0.0).astype(np.float32)  # no NaN into the graph
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    device = _pick_device(config.device)
+    model = PayneMLP(L, config.hidden, P, config.activation).to(device)
+    with torch.no_grad():  # start the output bias at the mean spectrum: faster convergence
+        wsum = weights[tr].sum(axis=0)
+        mean = np.where(wsum > 0, (flux_filled[tr] * weights[tr]).sum(axis=0) / np.maximum(wsum, 1e-12), 1.0)
+        model.l2.bias.copy_(torch.from_numpy(mean.astype(np.float32)))
+    opt = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(10, config.patience // 4),
+                                                       min_lr=config.learning_rate / 100)
+
+    def tensors(idx: NDArray[np.int64]) -> tuple[Any, Any, Any]:
+        return (torch.from_numpy(scaled[idx]).to(device), torch.from_numpy(flux_filled[idx]).to(device),
+                torch.from_numpy(weights[idx]).to(device))
+
+    Xtr, Ytr, Wtr = tensors(tr)
+    Xte, Yte, Wte = tensors(te)
+    wnorm_te = Wte.sum()
+    history: dict[str, list[float]] = {"train": [], "test": [], "lr": []}
+    best = (np.inf, 0, None)
+    gen = torch.Generator(device="cpu").manual_seed(config.seed)
+    bs = min(config.batch_size, len(tr))
+    epochs_run = 0
+    bar = progress_bar(range(config.max_epochs), desc="train emulator", unit="epoch", disable=not progress)
+    for epoch in bar:
+        model.train()
+        perm = torch.randperm(len(tr), generator=gen).to(device)
+        tot = 0.0
+        for s in range(0, len(tr), bs):
+            b = perm[s:s + bs]
+            pred = model(Xtr[b])
+            loss = (Wtr[b] * (pred - Ytr[b]) ** 2).sum() / Wtr[b].sum().clamp_min(1e-12)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot += float(loss.detach()) * len(b)
+        model.eval()
+        with torch.no_grad():
+            te_loss = float((Wte * (model(Xte) - Yte) ** 2).sum() / wnorm_te)
+        history["train"].append(tot / len(tr))
+        history["test"].append(te_loss)
+        history["lr"].append(opt.param_groups[0]["lr"])
+        sched.step(te_loss)
+        epochs_run = epoch + 1
+        if te_loss < best[0]:
+            best = (te_loss, epoch, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        elif epoch - best[1] >= config.patience:
+            log.info("early stop at epoch %d (best test loss %.3g at epoch %d)", epoch, best[0], best[1])
+            break
+        if (time.perf_counter() - t0) / 60 > config.max_minutes:
+            log.warning("training stopped at the %.1f-minute cap (epoch %d)", config.max_minutes, epoch)
+            break
+    assert best[2] is not None
+    state = best[2]
+    w = {"w0": state["l0.weight"], "b0": state["l0.bias"], "w1": state["l1.weight"], "b1": state["l1.bias"],
+         "w2": state["l2.weight"], "b2": state["l2.bias"]}
+    emu = Emulator(
+        label_names=list(label_names), x_min=x_min, x_max=x_max, wave=np.asarray(wave, np.float64),
+        weights={k: v.numpy() for k, v in w.items()}, activation=config.activation,
+        config=dataclasses.asdict(config) | {"device_used": device, "n_train": int(len(tr)),
+                                             "n_test": int(len(te)),
+                                             "n_validation": int(len(split.get("validation", [])))},
+        metrics={"best_test_loss": best[0], "best_epoch": best[1], "epochs": epochs_run},
+        pixel_mask=pixel_mask, log_labels=log_labels,
+    )
+    seconds = time.perf_counter() - t0
+    emu.metrics["train_seconds"] = seconds
+    return TrainResult(emu, history, {k: np.asarray(v) for k, v in split.items()}, seconds, epochs_run)
+
+
+# ---------------------------------------------------------------------------
+# saving and loading
+# ---------------------------------------------------------------------------
+
+_WEIGHTS_FILE = "weights.safetensors"
+_META_FILE = "emulator.json"
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o)}")
+
+
+def save_emulator(emu: Emulator, directory: str | os.PathLike[str]) -> Path:
+    """Save to ``directory`` (weights.safetensors + emulator.json), atomically; no pickle."""
+    from safetensors.numpy import save_file
+
+    from .io.atomic import atomic_dir
+
+    directory = Path(directory)
+    tensors = {**{k: v for k, v in emu.weights.items()},
+               "x_min": emu.x_min, "x_max": emu.x_max, "wave": emu.wave,
+               "pixel_mask": emu.pixel_mask.astype(np.uint8)}
+    meta = {
+        "format": ARTIFACT_FORMAT,
+        "label_names": emu.label_names,
+        "activation": emu.activation,
+        "log_labels": list(emu.log_labels),
+        "n_hidden": emu.n_hidden,
+        "n_pixels": emu.n_pixels,
+        "config": emu.config,
+        "metrics": emu.metrics,
+        "content_hash": emu.content_hash(),
+    }
+    with atomic_dir(directory) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / _WEIGHTS_FILE))
+        meta["weights_sha256"] = hashlib.sha256((tmp / _WEIGHTS_FILE).read_bytes()).hexdigest()
+        (tmp / _META_FILE).write_text(json.dumps(meta, indent=1, default=_json_default))
+    return directory
+
+
+def load_emulator(directory: str | os.PathLike[str], *, expected_hash: str | None = None) -> Emulator:
+    """Load a saved emulator, verifying the file hash, shapes and content hash.
+
+    Any mismatch (a changed or truncated weights file, edited metadata, a hash other
+    than ``expected_hash``) raises :class:`~mastar_vac.errors.ArtifactError`.
+    """
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    directory = Path(directory)
+    mpath, wpath = directory / _META_FILE, directory / _WEIGHTS_FILE
+    if not mpath.exists() or not wpath.exists():
+        raise ArtifactError(f"{directory}: not an emulator artifact (needs {_META_FILE} and {_WEIGHTS_FILE})")
+    try:
+        meta = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{mpath}: unreadable metadata ({exc})") from None
+    if meta.get("format") != ARTIFACT_FORMAT:
+        raise ArtifactError(f"{mpath}: artifact format {meta.get('format')!r}, this version reads {ARTIFACT_FORMAT}")
+    digest = hashlib.sha256(wpath.read_bytes()).hexdigest()
+    if digest != meta.get("weights_sha256"):
+        raise ArtifactError(f"{wpath}: SHA-256 {digest[:12]}… does not match the recorded "
+                            f"{str(meta.get('weights_sha256'))[:12]}… (file changed or corrupt)")
+    try:
+        t = load_file(str(wpath))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ArtifactError(f"{wpath}: unreadable weights ({exc})") from None
+    try:
+        emu = Emulator(
+            label_names=list(meta["label_names"]), x_min=t["x_min"], x_max=t["x_max"], wave=t["wave"],
+            weights={k: t[k] for k in ("w0", "b0", "w1", "b1", "w2", "b2")}, activation=meta["activation"],
+            config=meta.get("config", {}), metrics=meta.get("metrics", {}),
+            pixel_mask=t["pixel_mask"].astype(bool) if "pixel_mask" in t else None,
+            log_labels=tuple(meta.get("log_labels", ())),
+        )
+    except KeyError as exc:
+        raise ArtifactError(f"{directory}: artifact lacks {exc}") from None
+    h = emu.content_hash()
+    if h != meta.get("content_hash"):
+        raise ArtifactError(f"{directory}: content hash {h[:12]}… differs from the recorded "
+                            f"{str(meta.get('content_hash'))[:12]}… (metadata edited?)")
+    if expected_hash is not None and h != expected_hash:
+        raise ArtifactError(f"{directory}: emulator {h[:12]}… is not the expected {expected_hash[:12]}…")
+    return emu
+
+
+def export_payne_npz(emu: Emulator, path: str | os.PathLike[str]) -> Path:
+    """Write The Payne's ``NN_normalized_spectra.npz`` layout (datamodels.md §6).
+
+    The layout stores neither the activation nor the wavelength grid nor label names:
+    keep the emulator.json beside it, or pass them again to :func:`import_payne_npz`.
+    It cannot say that a label is scaled in log10 either, so such an emulator is
+    refused rather than exported into a file that other code would misread.
+    """
+    if emu.log_labels:
+        raise ArtifactError(f"The Payne's npz layout has no place for log-scaled labels {list(emu.log_labels)}; "
+                            "train with log_labels=() to export")
+    w = emu.weights
+    path = Path(path)
+    np.savez(path, w_array_0=w["w0"], b_array_0=w["b0"], w_array_1=w["w1"], b_array_1=w["b1"],
+             w_array_2=w["w2"], b_array_2=w["b2"], x_min=emu.x_min, x_max=emu.x_max)
+    return path
+
+
+def import_payne_npz(path: str | os.PathLike[str], *, label_names: Sequence[str], wave: NDArray,
+                     activation: str = "leakyrelu") -> Emulator:
+    """Read a network saved by The Payne (``NN_normalized_spectra.npz``).
+
+    The current Payne code uses LeakyReLU (slope 0.01); older versions used sigmoid —
+    the file does not say which, so ``activation`` must be right for the file.
+    """
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            d = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: file not found") from None
+    except (ValueError, OSError) as exc:
+        raise ArtifactError(f"{path}: not a readable npz file ({exc})") from None
+    need = ["w_array_0", "b_array_0", "w_array_1", "b_array_1", "w_array_2", "b_array_2", "x_min", "x_max"]
+    missing = [k for k in need if k not in d]
+    if missing:
+        raise ArtifactError(f"{path}: missing {missing} (The Payne layout has {need})")
+    return Emulator(
+        label_names=list(label_names), x_min=d["x_min"], x_max=d["x_max"], wave=np.asarray(wave),
+        weights={"w0": d["w_array_0"], "b0": d["b_array_0"], "w1": d["w_array_1"], "b1": d["b_array_1"],
+                 "w2": d["w_array_2"], "b2": d["b_array_2"]},
+        activation=activation, config={"imported_from": str(path)},
+    )
+
+
+# ---------------------------------------------------------------------------
+# the Figure 5 diagnostic
+# ---------------------------------------------------------------------------
+
+TEFF_BINS = ((0.0, 5000.0, "< 5000 K"), (5000.0, 8000.0, "5000-8000 K"), (8000.0, np.inf, "> 8000 K"))
+
+
+def flux_accuracy(emu: Emulator, labels: NDArray, flux: NDArray, ivar: NDArray, *,
+                  thresholds: Sequence[float] = (0.02, 0.04)) -> dict[str, Any]:
+    """Fraction of pixels whose emulated flux is within each threshold of the observed
+    normalized flux, over all pixels with ivar > 0 that the emulator was trained on —
+    overall and per Teff bin (Imig et al. 2022, Figure 5)."""
+    labels = np.asarray(labels, np.float64)
+    model = emu.predict(labels)
+    good = (np.asarray(ivar) > 0) & emu.pixel_mask[None, :]
+    diff = np.abs(model - np.asarray(flux))
+    teff = labels[:, emu.label_names.index("TEFF")] if "TEFF" in emu.label_names else np.full(len(labels), np.nan)
+
+    def fractions(sel: NDArray[np.bool_]) -> dict[str, Any]:
+        g = good & sel[:, None]
+        n = int(g.sum())
+        out: dict[str, Any] = {"n_spectra": int(sel.sum()), "n_pixels": n}
+        for t in thresholds:
+            out[f"within_{round(t * 100)}pct"] = float((diff[g] < t).mean()) if n else float("nan")
+        return out
+
+    res = {"all": fractions(np.ones(len(labels), bool))}
+    for lo, hi, name in TEFF_BINS:
+        res[name] = fractions((teff >= lo) & (teff < hi))
+    return res
+
+
+def emulator_diagnostic(emu: Emulator, labels: NDArray, flux: NDArray, ivar: NDArray,
+                        split: Mapping[str, NDArray[np.int64]]) -> dict[str, Any]:
+    """:func:`flux_accuracy` for the training, test and held-out (validation) sets."""
+    return {name: flux_accuracy(emu, labels[idx], flux[idx], ivar[idx]) for name, idx in split.items()
+            if len(idx)}
+
+
+def format_diagnostic(diag: Mapping[str, Any]) -> str:
+    """The Figure 5 numbers as a small text table."""
+    lines = [f"{'set':<11}{'Teff bin':<13}{'spectra':>8}{'pixels':>10}{'<2%':>8}{'<4%':>8}"]
+    for set_name in ("train", "test", "validation"):
+        if set_name not in diag:
+            continue
+        for bin_name, d in diag[set_name].items():
+            if not d["n_spectra"]:
+                continue
+            lines.append(f"{set_name:<11}{bin_name:<13}{d['n_spectra']:>8}{d['n_pixels']:>10}"
+                         f"{100 * d['within_2pct']:>7.1f}%{100 * d['within_4pct']:>7.1f}%")
+    return "\n".join(lines)

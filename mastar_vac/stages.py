@@ -1,0 +1,291 @@
+"""The pipeline's stages as the build runs them: inputs read, the science function
+called, products written, provenance recorded.
+
+Each stage method returns ``(status, detail)`` with status "ran" or "reused". A stage is
+reused when its product exists and was recorded with the same key — a hash of the
+stage's input fingerprints, the upstream stage's key and its own settings
+(:mod:`mastar_vac.io.provenance`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import Config
+from .io.cube import file_fingerprint
+from .io.provenance import is_current, read_record, record, stage_key
+
+__all__ = ["StageContext"]
+
+log = logging.getLogger(__name__)
+
+ALLSTAR_BASE_COLUMNS = ("APOGEE_ID", "RA", "DEC", "SNR", "VSCATTER", "ASPCAPFLAG", "STARFLAG", "EXTRATARG",
+                        "GAIAEDR3_SOURCE_ID")
+
+
+@dataclass
+class StageContext:
+    cfg: Config
+    outdir: Path
+    progress: bool = True
+    keys: dict[str, str] = field(default_factory=dict)
+
+    # -- product paths -------------------------------------------------------
+    @property
+    def cube_path(self) -> Path:
+        return self.outdir / "cube.zarr"
+
+    @property
+    def reference_path(self) -> Path:
+        return self.outdir / "reference" / "reference_set.npz"
+
+    @property
+    def emulator_path(self) -> Path:
+        return self.outdir / "emulator"
+
+    @property
+    def training_dir(self) -> Path:
+        return self.outdir / "training"
+
+    @property
+    def diagnostic_path(self) -> Path:
+        return self.training_dir / "emulator_diagnostic.json"
+
+    @property
+    def fits_path(self) -> Path:
+        return self.outdir / "fit" / "fits.parquet"
+
+    @property
+    def validation_path(self) -> Path:
+        return self.outdir / "validation" / "table1.json"
+
+    def emulator_in_use(self) -> Path:
+        return Path(self.cfg.inputs.emulator) if self.cfg.inputs.emulator is not None else self.emulator_path
+
+    # -- stages ----------------------------------------------------------------
+    def ingest(self) -> tuple[str, str]:
+        from .ingest import ingest_spectra
+
+        c = self.cfg
+        s = ingest_spectra(c.inputs.goodspec, self.cube_path, mastarall=c.inputs.mastarall, chunk=c.cube.chunk,
+                           bad_mask_bits=c.cube.bad_mask_bits, progress=self.progress)
+        status = "reused" if s.resumed and s.chunks_written == 0 else "ran"
+        flagged = {k: v for k, v in s.flag_counts.items() if v}
+        return status, f"{s.nvisit} visits, {s.chunks_written} chunks written; visit flags {flagged or 'none'}"
+
+    def normalize(self) -> tuple[str, str]:
+        from .normalize import normalize_cube
+
+        c = self.cfg
+        ran = normalize_cube(self.cube_path, window=c.normalize.window, min_count=c.normalize.min_count,
+                             bad_mask_bits=c.cube.bad_mask_bits)
+        self.keys["cube"] = stage_key(cube=self._cube_attrs())
+        return ("ran" if ran else "reused"), f"window {c.normalize.window} px → norm_flux, norm_ivar"
+
+    def _cube_attrs(self) -> dict[str, Any]:
+        import zarr
+
+        a = zarr.open_group(str(self.cube_path), mode="r", zarr_format=2).attrs
+        return {"source_tag": a.get("source_tag"), "normalized": a.get("normalized")}
+
+    def reference(self) -> tuple[str, str]:
+        from .io.allstar import read_allstar
+        from .io.cube import open_cube
+        from .io.gaia_xmatch import read_gaia_xmatch
+        from .reference import allstar_columns_for, build_reference_set
+
+        c = self.cfg
+        key = stage_key(cube=self.keys["cube"], allstar=file_fingerprint(c.inputs.allstar),
+                        gaia=file_fingerprint(c.inputs.gaia_xmatch), reference=c.reference,
+                        labels=c.emulator.labels, synthetic_grid=file_fingerprint(c.inputs.synthetic_grid),
+                        synthetic=c.synthetic if c.inputs.synthetic_grid else None)
+        self.keys["reference"] = key
+        if is_current(self.reference_path, key):
+            return "reused", self._reference_detail()
+        cube = open_cube(self.cube_path)
+        cols = list(dict.fromkeys([*ALLSTAR_BASE_COLUMNS, *allstar_columns_for(c.emulator.labels)]))
+        allstar = read_allstar(c.inputs.allstar, [col for col in cols if col not in ("VSCATTER", "SNR")] +
+                               _optional_columns(c.inputs.allstar, ("VSCATTER", "SNR")))
+        gaia = read_gaia_xmatch(c.inputs.gaia_xmatch) if c.inputs.gaia_xmatch else None
+        ref = build_reference_set(cube, allstar, gaia, c.emulator.labels, c.reference)
+        if c.inputs.synthetic_grid is not None:
+            from .io.ferre import read_ferre
+            from .synthetic import synthetic_extension, target_lsf
+
+            grid = read_ferre(c.inputs.synthetic_grid)
+            synth = synthetic_extension(ref, grid, lsf_sigma_aa=target_lsf(c.synthetic, cube["disp"]),
+                                        config=c.synthetic, window=c.normalize.window,
+                                        min_count=c.normalize.min_count)
+            log.info("theoretical extension: %d synthetic spectra from %s", len(synth), c.inputs.synthetic_grid)
+            ref = ref.concat(synth)
+        self.reference_path.parent.mkdir(parents=True, exist_ok=True)
+        ref.save(self.reference_path)
+        record(self.reference_path, key, n=len(ref), cuts=ref.cut_report)
+        return "ran", self._reference_detail()
+
+    def _reference_detail(self) -> str:
+        rec = read_record(self.reference_path) or {}
+        cuts = rec.get("cuts", {})
+        shown = ", ".join(f"{k} {v}" for k, v in cuts.items() if k not in ("matched", "kept"))
+        return f"{rec.get('n')} spectra ({cuts.get('matched')} matched to APOGEE; cuts: {shown})"
+
+    def emulator(self) -> tuple[str, str]:
+        from .emulator import emulator_diagnostic, format_diagnostic, save_emulator
+        from .plots import plot_emulator_diagnostic
+        from .reference import ReferenceSet
+        from .train import train_reference_emulator
+
+        c = self.cfg
+        key = stage_key(reference=self.keys["reference"], emulator=c.emulator, fit=c.fit,
+                        outlier_ratio=c.reference.outlier_chi2_ratio)
+        self.keys["emulator"] = key
+        if is_current(self.emulator_path, key):
+            return "reused", self._emulator_detail()
+        ref = ReferenceSet.load(self.reference_path)
+        trained = train_reference_emulator(ref, train_config=c.emulator, fit_config=c.fit,
+                                           outlier_chi2_ratio=c.reference.outlier_chi2_ratio, progress=self.progress)
+        emu = trained.result.emulator
+        clean, split = trained.reference, trained.split
+        diag = emulator_diagnostic(emu, clean.labels, clean.flux, clean.ivar, split)
+        emu.metrics["diagnostic"] = diag
+        log.info("emulator accuracy (fraction of pixels within 2%% / 4%%):\n%s", format_diagnostic(diag))
+        d = self.training_dir
+        d.mkdir(parents=True, exist_ok=True)
+        clean.save(d / "reference_clean.npz")
+        np.savez(d / "split.npz", **split)
+        if trained.outliers is not None:
+            trained.outliers.to_csv(d / "label_outliers.csv", index=False)
+        self.diagnostic_path.write_text(json.dumps(diag, indent=1))
+        (d / "emulator_diagnostic.txt").write_text(format_diagnostic(diag) + "\n")
+        sets = {}
+        for name, idx in split.items():
+            if len(idx):
+                sets[name] = (emu.predict(clean.labels[idx]), clean.flux[idx],
+                              (clean.ivar[idx] > 0) & emu.pixel_mask[None, :])
+        plot_emulator_diagnostic(sets, d / "emulator_diagnostic.png")
+        save_emulator(emu, self.emulator_path)
+        record(self.emulator_path, key, hash=emu.content_hash(), diagnostic=diag,
+               n_outliers=int(trained.outliers["outlier"].sum()) if trained.outliers is not None else 0,
+               train_seconds=trained.result.seconds)
+        return "ran", self._emulator_detail()
+
+    def _emulator_detail(self) -> str:
+        rec = read_record(self.emulator_path) or {}
+        v = (rec.get("diagnostic") or {}).get("validation", {}).get("all", {})
+        acc = (f"held-out pixels within 2%: {100 * v['within_2pct']:.1f}%, within 4%: {100 * v['within_4pct']:.1f}%"
+               if v else "")
+        return f"{rec.get('n_outliers', 0)} label outliers removed; {acc}"
+
+    def use_given_emulator(self) -> tuple[str, str]:
+        from .emulator import load_emulator
+
+        emu = load_emulator(self.cfg.inputs.emulator)
+        self.keys["emulator"] = emu.content_hash()[:20]
+        return "reused", f"given emulator {self.cfg.inputs.emulator} ({emu.content_hash()[:12]})"
+
+
+    def fit(self) -> tuple[str, str]:
+        """Fit every visit on Dask; the per-visit results go to fit/fits.parquet."""
+        from .emulator import load_emulator
+        from .fit import STATUS, fit_cube
+        from .io.atomic import atomic_dir
+        from .io.cube import open_cube
+        from .io.gaia_xmatch import read_gaia_xmatch
+        from .starts import photometric_starts
+
+        c = self.cfg
+        key = stage_key(cube=self.keys["cube"], emulator=self.keys["emulator"], fit=c.fit,
+                        gaia=file_fingerprint(c.inputs.gaia_xmatch))
+        self.keys["fit"] = key
+        if is_current(self.fits_path, key):
+            return "reused", self._fit_detail()
+        emu_path = self.emulator_in_use()
+        emu = load_emulator(emu_path)
+        cube = open_cube(self.cube_path)
+        gaia = read_gaia_xmatch(c.inputs.gaia_xmatch) if c.inputs.gaia_xmatch else None
+        starts = photometric_starts(gaia, cube["mangaid"].values.astype(str), emu.label_names)
+        ddf = fit_cube(cube, emu_path, config=c.fit, starts=starts, emulator_hash=emu.content_hash())
+        from .progress import compute
+
+        with atomic_dir(self.fits_path) as tmp:
+            compute(ddf.to_parquet(str(tmp), write_index=False, compute=False), enabled=self.progress)
+        import pandas as pd
+
+        st = pd.read_parquet(self.fits_path, columns=["STATUS"])["STATUS"].to_numpy()
+        counts = {name: int((st == code).sum()) for name, code in STATUS.items()}
+        record(self.fits_path, key, n=int(len(st)), status=counts, emulator=emu.content_hash())
+        return "ran", self._fit_detail()
+
+    def _fit_detail(self) -> str:
+        rec = read_record(self.fits_path) or {}
+        st = {k: v for k, v in (rec.get("status") or {}).items() if v}
+        return f"{rec.get('n')} visits fitted; status {st}"
+
+    def validation(self) -> tuple[str, str]:
+        """Table 1: the held-out reference stars fitted at S/N 50 and as observed."""
+        from .emulator import load_emulator
+        from .fit import fit_spectra
+        from .io.cube import open_cube
+        from .reference import ReferenceSet
+        from .validate import format_table1, label_residuals, validate_fit
+
+        c = self.cfg
+        key = stage_key(emulator=self.keys["emulator"], fit=c.fit, cube=self.keys["cube"])
+        if is_current(self.validation_path, key):
+            return "reused", self._validation_detail()
+        emu = load_emulator(self.emulator_path)
+        ref = ReferenceSet.load(self.training_dir / "reference_clean.npz")
+        split = dict(np.load(self.training_dir / "split.npz"))
+        idx = split["validation"][ref.source[split["validation"]] == "empirical"]
+        if len(idx) == 0:
+            return "ran", "no held-out empirical stars"
+        d = self.validation_path.parent
+        d.mkdir(parents=True, exist_ok=True)
+        table, df = validate_fit(emu, ref.labels[idx], ref.flux[idx], ref.ivar[idx], config=c.fit, snr=50.0,
+                                 seed=c.run.seed)
+        df.insert(0, "MANGAID", ref.ids[idx])
+        df.to_csv(d / "validation_snr50.csv", index=False)
+        text = format_table1(table, emu.label_names,
+                             f"Held-out reference stars, co-adds degraded to S/N {table['median_snr']:.0f}")
+        # the same stars' individual visits, as observed
+        cube = open_cube(self.cube_path)
+        mid = cube["mangaid"].values.astype(str)
+        vsel = np.flatnonzero(np.isin(mid, ref.ids[idx]))
+        lab_of = dict(zip(ref.ids[idx], ref.labels[idx]))
+        vis_table = None
+        if len(vsel):
+            res = fit_spectra(emu, cube["norm_flux"].isel(visit=vsel).values,
+                              cube["norm_ivar"].isel(visit=vsel).values, config=c.fit)
+            ref_lab = np.array([lab_of[m] for m in mid[vsel]])
+            vis_table = label_residuals(res.labels, ref_lab, emu.label_names)
+            text += "\n\n" + format_table1(vis_table, emu.label_names,
+                                            f"The same stars' {len(vsel)} individual visits as observed "
+                                            f"(median S/N {np.nanmedian(cube['s2n'].values[vsel]):.0f})")
+        (d / "table1.txt").write_text(text + "\n")
+        log.info("validation (Table 1 analogue):\n%s", text)
+        self.validation_path.write_text(json.dumps({"snr50": table, "visits": vis_table}, indent=1))
+        record(self.validation_path, key, snr50=table, visits=vis_table)
+        return "ran", self._validation_detail()
+
+    def _validation_detail(self) -> str:
+        rec = read_record(self.validation_path) or {}
+        t = rec.get("snr50") or {}
+        parts = []
+        for rng in ("Teff < 6000 K", "Teff > 6000 K"):
+            r = t.get(rng)
+            if r and "TEFF" in r:
+                parts.append(f"{rng}: MAD Teff {r['TEFF']['mad']:.0f} K (N={r['n']})")
+        return "; ".join(parts) or "see validation/table1.txt"
+
+
+def _optional_columns(path: Path, names: tuple[str, ...]) -> list[str]:
+    from .io.fitstable import BinTableReader
+
+    with BinTableReader(path, 1) as r:
+        return [n for n in names if n in r.names]

@@ -1,0 +1,94 @@
+"""The training stage: split the reference set, train, reject mislabelled stars, retrain.
+
+1. A seeded 80/10/10 split (per source, so empirical and synthetic spectra are both
+   represented in every part): train, test (early stopping) and validation (held out
+   from every training, for the end-to-end check of the fit).
+2. A first emulator is trained on the training part.
+3. Every reference spectrum — validation included — is fitted with that emulator; stars
+   whose χ² at their catalogue labels is more than ``outlier_chi2_ratio`` times the
+   best-fit χ² are mislabelled (DESIGN.md: MILES m0386, m0330, …) and leave the
+   reference set. The first emulator never saw a validation star, so rejecting a
+   validation star uses nothing learned from it.
+4. The final emulator is trained on the cleaned training part.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from numpy.typing import NDArray
+
+from .emulator import TrainConfig, TrainResult, split_indices, train_emulator
+from .fit import FitConfig
+from .reference import ReferenceSet, find_label_outliers
+
+__all__ = ["TrainedEmulator", "reference_split", "train_reference_emulator"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainedEmulator:
+    result: TrainResult  # the final emulator, its history and split (indices into `reference`)
+    reference: ReferenceSet  # the cleaned reference set
+    split: dict[str, NDArray[np.int64]]
+    outliers: pd.DataFrame | None  # one row per original reference spectrum, or None if not run
+    first_result: TrainResult | None  # the emulator used to find the outliers
+
+
+def reference_split(ref: ReferenceSet, config: TrainConfig) -> dict[str, NDArray[np.int64]]:
+    """80/10/10 split drawn separately within each source (empirical, synthetic)."""
+    parts: dict[str, list[NDArray[np.int64]]] = {"train": [], "test": [], "validation": []}
+    for k, src in enumerate(sorted(set(ref.source.tolist()))):
+        idx = np.flatnonzero(ref.source == src)
+        s = split_indices(len(idx), test_fraction=config.test_fraction,
+                          validation_fraction=config.validation_fraction, seed=config.seed + k)
+        for name in parts:
+            parts[name].append(idx[s[name]])
+    return {name: np.sort(np.concatenate(v)) if v else np.array([], np.int64) for name, v in parts.items()}
+
+
+def _remap(split: dict[str, NDArray[np.int64]], keep: NDArray[np.bool_]) -> dict[str, NDArray[np.int64]]:
+    new = -np.ones(len(keep), np.int64)
+    new[keep] = np.arange(int(keep.sum()))
+    return {k: new[v][new[v] >= 0] for k, v in split.items()}
+
+
+def train_reference_emulator(ref: ReferenceSet, *, train_config: TrainConfig, fit_config: FitConfig,
+                             outlier_chi2_ratio: float, progress: bool = True) -> TrainedEmulator:
+    """Split, train, reject label outliers, retrain (see the module docstring)."""
+    if len(ref) < 10:
+        raise ValueError(f"the reference set has {len(ref)} spectra; at least 10 are needed to train")
+    split = reference_split(ref, train_config)
+    log.info("split: %d train, %d test, %d validation", *(len(split[k]) for k in ("train", "test", "validation")))
+
+    def train(r: ReferenceSet, s: dict[str, NDArray[np.int64]]) -> TrainResult:
+        res = train_emulator(r.labels, r.flux, r.ivar, label_names=r.label_names, wave=r.wave,
+                             config=train_config, split=s, progress=progress)
+        # the training labels are the fit's start grid (DESIGN.md: "starts matter more")
+        res.emulator.config["start_grid"] = r.labels[s["train"]].tolist()
+        return res
+
+    first = train(ref, split)
+    if outlier_chi2_ratio <= 0:
+        return TrainedEmulator(first, ref, split, None, None)
+    outliers = find_label_outliers(first.emulator, ref, ratio=outlier_chi2_ratio, fit_config=fit_config,
+                                   skip=ref.source == "synthetic")
+    bad = outliers["outlier"].to_numpy()
+    log.info("label outliers (χ² at catalogue labels > %g × best fit): %d of %d reference spectra",
+             outlier_chi2_ratio, int(bad.sum()), len(ref))
+    for _, row in outliers[bad].sort_values("ratio", ascending=False).head(10).iterrows():
+        log.info("  %s: catalogue %s → fit %s (χ² ratio %.1f)", row["id"],
+                 ", ".join(f"{row[n]:.4g}" for n in ref.label_names),
+                 ", ".join(f"{row['FIT_' + n]:.4g}" for n in ref.label_names), row["ratio"])
+    if not bad.any():
+        return TrainedEmulator(first, ref, split, outliers, first)
+    keep = ~bad
+    clean = ref.subset(np.flatnonzero(keep))
+    clean.cut_report["label_outliers"] = int(bad.sum())
+    clean_split = _remap(split, keep)
+    final = train(clean, clean_split)
+    return TrainedEmulator(final, clean, clean_split, outliers, first)

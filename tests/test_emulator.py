@@ -1,0 +1,148 @@
+"""The emulator: training behaviour, the saved artifact, tampering, The Payne's npz."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mastar_vac.emulator import (
+    Emulator,
+    TrainConfig,
+    export_payne_npz,
+    import_payne_npz,
+    load_emulator,
+    loss_weights,
+    save_emulator,
+    split_indices,
+    train_emulator,
+)
+from mastar_vac.errors import ArtifactError
+from mastar_vac.wavegrid import mastar_wavelength
+
+from .toy import LABELS, toy_emulator, toy_labels, toy_spectra
+
+
+def test_split_is_seeded_disjoint_and_80_10_10():
+    s = split_indices(1000, seed=3)
+    assert {k: len(v) for k, v in s.items()} == {"validation": 100, "test": 100, "train": 800}
+    allidx = np.concatenate(list(s.values()))
+    assert len(np.unique(allidx)) == 1000
+    s2 = split_indices(1000, seed=3)
+    assert all(np.array_equal(s[k], s2[k]) for k in s)
+    assert not np.array_equal(split_indices(1000, seed=4)["validation"], s["validation"])
+
+
+def test_trained_emulator_reproduces_unseen_spectra():
+    emu = toy_emulator()
+    lab = toy_labels(50, seed=99)  # never seen
+    err = np.abs(emu.predict(lab) - toy_spectra(lab))
+    assert np.mean(err < 0.02) > 0.95
+    # numpy and torch forward passes agree
+    with torch.no_grad():
+        t = emu.torch_module()(torch.as_tensor(emu.scale(lab), dtype=torch.float32)).numpy()
+    np.testing.assert_allclose(t, emu.predict(lab), atol=1e-4)
+
+
+def test_training_is_reproducible_and_ignores_masked_pixels():
+    lab = toy_labels(200, seed=5)
+    flux = toy_spectra(lab)
+    ivar = np.full_like(flux, 1e4)
+    ivar[:, :100] = 0
+    flux[:, :100] = 1e6  # garbage where ivar = 0 must not matter
+    cfg = TrainConfig(hidden=16, max_epochs=15, patience=100, seed=7)
+    a = train_emulator(lab, flux, ivar, label_names=LABELS, wave=mastar_wavelength(), config=cfg, progress=False)
+    b = train_emulator(lab, flux, ivar, label_names=LABELS, wave=mastar_wavelength(), config=cfg, progress=False)
+    assert a.emulator.content_hash() == b.emulator.content_hash()
+    assert not a.emulator.pixel_mask[:100].any() and a.emulator.pixel_mask[100:].all()
+    assert np.all(np.abs(a.emulator.predict(lab[:3])[:, 100:]) < 10)
+    assert set(a.split) == {"train", "test", "validation"}
+
+
+def test_loss_weights():
+    w = loss_weights(np.array([[0.0, 1e4, 1e12]]), 0.01)
+    assert w[0, 0] == 0 and w[0, 1] == pytest.approx(0.5) and w[0, 2] == pytest.approx(1.0, rel=1e-6)
+
+
+def test_save_load_round_trip(tmp_path):
+    emu = toy_emulator()
+    d = save_emulator(emu, tmp_path / "emu")
+    back = load_emulator(d, expected_hash=emu.content_hash())
+    assert back.content_hash() == emu.content_hash()
+    assert back.label_names == LABELS and back.activation == emu.activation
+    np.testing.assert_array_equal(back.predict(toy_labels(3)), emu.predict(toy_labels(3)))
+    assert not any(p.suffix in (".pkl", ".pt", ".pickle") for p in d.iterdir())
+
+
+def test_tampered_weights_are_refused(tmp_path):
+    d = save_emulator(toy_emulator(), tmp_path / "emu")
+    wfile = d / "weights.safetensors"
+    raw = bytearray(wfile.read_bytes())
+    raw[-10] ^= 0xFF
+    wfile.write_bytes(bytes(raw))
+    with pytest.raises(ArtifactError, match="SHA-256"):
+        load_emulator(d)
+
+
+def test_edited_metadata_is_refused(tmp_path):
+    d = save_emulator(toy_emulator(), tmp_path / "emu")
+    meta = json.loads((d / "emulator.json").read_text())
+    meta["label_names"] = ["LOGG", "TEFF", "FE_H"]  # swapped: would silently mislabel
+    (d / "emulator.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="content hash"):
+        load_emulator(d)
+    with pytest.raises(ArtifactError, match="not the expected"):
+        load_emulator(save_emulator(toy_emulator(), tmp_path / "e2"), expected_hash="0" * 64)
+    with pytest.raises(ArtifactError, match="not an emulator artifact"):
+        load_emulator(tmp_path)
+
+
+def test_log_teff_scaling_round_trips():
+    emu = toy_emulator()
+    assert emu.log_labels == ("TEFF",)
+    lab = toy_labels(5)
+    np.testing.assert_allclose(emu.unscale(emu.scale(lab)), lab, rtol=1e-12)
+    # the chain-rule factor of the covariance equals a finite difference
+    x = emu.scale(lab)
+    h = 1e-6
+    fd = (emu.unscale(x + h) - emu.unscale(x - h)) / (2 * h)
+    np.testing.assert_allclose(emu.dlabel_dscaled(x), fd, rtol=1e-6)
+
+
+def test_shape_mismatch_is_refused():
+    emu = toy_emulator()
+    w = dict(emu.weights)
+    w["w2"] = w["w2"][:-1]
+    with pytest.raises(ArtifactError, match="w2 has shape"):
+        Emulator(LABELS, emu.x_min, emu.x_max, emu.wave, w)
+
+
+def test_payne_npz_round_trip(tmp_path):
+    with pytest.raises(ArtifactError, match="log-scaled"):
+        export_payne_npz(toy_emulator(), tmp_path / "x.npz")
+    emu = dataclasses.replace(toy_emulator(), log_labels=())  # the layout knows linear scaling only
+    p = export_payne_npz(emu, tmp_path / "NN_normalized_spectra.npz")
+    with np.load(p) as z:
+        assert set(z.files) == {"w_array_0", "b_array_0", "w_array_1", "b_array_1", "w_array_2", "b_array_2",
+                                "x_min", "x_max"}
+        assert z["w_array_2"].shape == (emu.n_pixels, emu.n_hidden)
+    back = import_payne_npz(p, label_names=LABELS, wave=emu.wave, activation=emu.activation)
+    np.testing.assert_allclose(back.predict(toy_labels(4)), emu.predict(toy_labels(4)), rtol=1e-12)
+    # The Payne's own forward pass (LeakyReLU layout) on the same weights
+    lab = toy_labels(2)
+    leaky = import_payne_npz(p, label_names=LABELS, wave=emu.wave)  # default activation: LeakyReLU
+    with np.load(p) as z:
+        x = (lab - z["x_min"]) / (z["x_max"] - z["x_min"]) - 0.5
+        h = x @ z["w_array_0"].T + z["b_array_0"]
+        h = np.where(h > 0, h, 0.01 * h)
+        h = h @ z["w_array_1"].T + z["b_array_1"]
+        h = np.where(h > 0, h, 0.01 * h)
+        ref = h @ z["w_array_2"].T + z["b_array_2"]
+    np.testing.assert_allclose(leaky.predict(lab), ref, rtol=1e-5, atol=1e-6)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, w_array_0=np.zeros(3))
+    with pytest.raises(ArtifactError, match="missing"):
+        import_payne_npz(bad, label_names=LABELS, wave=emu.wave)

@@ -1,0 +1,128 @@
+"""The batched LM fitter: agreement with curve_fit, bounds, unfittable spectra, Dask."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from mastar_vac.fit import STATUS, FitConfig, fit_cube, fit_curve_fit, fit_spectra, result_columns
+
+from .toy import toy_emulator, toy_labels
+
+
+def _noisy(emu, labels, sn=50, seed=0):
+    rng = np.random.default_rng(seed)
+    m = emu.predict(labels)
+    return m + rng.normal(0, 1 / sn, m.shape), np.full(m.shape, float(sn) ** 2)
+
+
+def test_recovers_labels_within_errors():
+    emu = toy_emulator()
+    truth = toy_labels(200, seed=11)
+    truth[:, 0] = np.clip(truth[:, 0], 4300, 8700)
+    f, iv = _noisy(emu, truth)
+    res = fit_spectra(emu, f, iv)
+    assert (res.status == STATUS["OK"]).mean() > 0.97
+    z = (res.labels - truth) / res.errors
+    # pulls are unit normal: the formal errors are right
+    assert np.all(np.abs(np.median(np.abs(z), axis=0) - 0.674) < 0.15)
+    assert np.median(res.chi2_red) == pytest.approx(1.0, abs=0.05)
+
+
+def test_agrees_with_curve_fit_from_the_same_start():
+    emu = toy_emulator()
+    truth = toy_labels(12, seed=21)
+    truth[:, 0] = np.clip(truth[:, 0], 4500, 8500)
+    f, iv = _noisy(emu, truth, seed=2)
+    start = truth + np.array([250.0, 0.25, 0.15])
+    res = fit_spectra(emu, f, iv, starts=start, config=FitConfig(n_grid_starts=0))
+    for i in range(len(truth)):
+        lab, cov, chi2 = fit_curve_fit(emu, f[i], iv[i], start[i])
+        err = np.sqrt(np.diag(cov))
+        assert np.all(np.abs(res.labels[i] - lab) < 0.1 * err), (res.labels[i], lab, err)
+        assert res.chi2[i] <= chi2 * (1 + 1e-5) + 0.05
+        np.testing.assert_allclose(res.errors[i], err, rtol=0.02)
+
+
+def test_bounds_hold_and_are_reported():
+    emu = toy_emulator()
+    truth = np.array([[6000.0, 3.0, -0.5]])
+    f, iv = _noisy(emu, truth)
+    cfg = FitConfig(bounds={"TEFF": (3000, 32000), "LOGG": (-1, 5.5), "FE_H": (-0.2, 1.0)})
+    res = fit_spectra(emu, f, iv, config=cfg)
+    assert res.labels[0, 2] == pytest.approx(-0.2)
+    assert res.at_bound[0].tolist() == [False, False, True]
+    assert res.n_iter[0] < cfg.max_iter * 3  # frozen at the bound, not creeping
+
+
+def test_unfittable_spectra_are_flagged_and_do_not_disturb_the_others():
+    emu = toy_emulator()
+    truth = toy_labels(6, seed=4)
+    truth[:, 0] = np.clip(truth[:, 0], 4500, 8500)
+    f, iv = _noisy(emu, truth, seed=9)
+    ref = fit_spectra(emu, f, iv)
+    f2, iv2 = f.copy(), iv.copy()
+    iv2[1] = 0.0  # all masked
+    f2[2] = np.nan  # non-finite everywhere
+    f2[3] = 5.0 + np.sin(np.arange(f.shape[1]) / 3.0)  # nothing like a star: far outside the emulator
+    res = fit_spectra(emu, f2, iv2, return_model=True)
+    assert res.status[1] == STATUS["NO_DATA"] and res.status[2] == STATUS["NO_DATA"]
+    assert res.status[3] == STATUS["BAD_FIT"]
+    for i in (1, 2, 3):
+        assert np.isnan(res.labels[i]).all() and np.isnan(res.model[i]).all()
+    for i in (0, 4, 5):
+        np.testing.assert_allclose(res.labels[i], ref.labels[i], rtol=1e-6)
+        assert res.status[i] == STATUS["OK"]
+        assert np.nanmax(np.abs(res.model[i] - emu.predict(res.labels[i]))) < 1e-4
+
+
+def test_an_exception_inside_a_batch_is_isolated(monkeypatch):
+    import mastar_vac.fit as fitmod
+
+    emu = toy_emulator()
+    truth = toy_labels(4, seed=8)
+    truth[:, 0] = np.clip(truth[:, 0], 4500, 8500)
+    f, iv = _noisy(emu, truth, seed=3)
+    real = fitmod._fit_batch
+    poison = f[2].copy()
+
+    def flaky(net, emu_, flux, w, S, *a, **k):
+        if any(np.array_equal(row, poison) for row in flux):
+            raise RuntimeError("solver exploded")
+        return real(net, emu_, flux, w, S, *a, **k)
+
+    monkeypatch.setattr(fitmod, "_fit_batch", flaky)
+    res = fit_spectra(emu, f, iv)
+    assert res.status.tolist() == [0, 0, STATUS["ERROR"], 0]
+    assert "solver exploded" in res.messages[2]
+    assert np.isfinite(res.labels[[0, 1, 3]]).all()
+
+
+def test_fit_cube_on_dask_loads_the_emulator_once(tmp_path):
+    from mastar_vac.emulator import save_emulator
+
+    emu = toy_emulator()
+    path = save_emulator(emu, tmp_path / "emu")
+    truth = toy_labels(30, seed=12)
+    truth[:, 0] = np.clip(truth[:, 0], 4500, 8500)
+    f, iv = _noisy(emu, truth, seed=5)
+    iv[7] = 0
+    n = len(f)
+    cube = xr.Dataset(
+        {"norm_flux": (("visit", "wave"), f.astype(np.float32)), "norm_ivar": (("visit", "wave"), iv.astype(np.float32))},
+        coords={"mangaid": ("visit", np.array([f"7-{i}" for i in range(n)])), "plate": ("visit", np.full(n, 9000)),
+                "ifudesign": ("visit", np.array(["3701"] * n)), "mjd": ("visit", 57000 + np.arange(n))},
+    ).chunk({"visit": 8})
+    ddf = fit_cube(cube, path, config=FitConfig())
+    graph = dict(ddf.__dask_graph__())
+    loads = [k for k in graph if "load_emulator" in str(k)]
+    assert len(loads) == 1
+    df = ddf.compute(scheduler="sync")
+    assert list(df.columns[:4]) == ["MANGAID", "PLATE", "IFUDESIGN", "MJD"]
+    assert len(df) == n and df["MANGAID"].is_unique
+    assert set(result_columns(emu.label_names)) <= set(df.columns)
+    assert df["STATUS"].iloc[7] == STATUS["NO_DATA"] and np.isnan(df["TEFF"].iloc[7])
+    direct = fit_spectra(emu, f, iv)
+    np.testing.assert_allclose(df["TEFF"].to_numpy()[np.arange(n) != 7], direct.labels[np.arange(n) != 7, 0],
+                               rtol=1e-5)
