@@ -72,6 +72,7 @@ def resolve_inputs(cfg: Config) -> Config:
         "mastarall": cfg.inputs.mastarall or files.mastarall,
         "allstar": cfg.inputs.allstar or files.allstar,
         "gaia_xmatch": cfg.inputs.gaia_xmatch or files.gaia_xmatch,
+        "comparison_labels": cfg.inputs.comparison_labels or files.labels,
     }
     return cfg.replace("inputs", **chosen)
 
@@ -117,6 +118,12 @@ def run_build(cfg: Config, *, scheduler: str | None = None, outdir: Path | None 
         if cfg.inputs.emulator is None:
             _stage(result, "validation", ctx.validation)
             result.products["validation"] = ctx.validation_path.with_suffix(".txt")
+        _stage(result, "catalog", ctx.catalog)
+        result.products["vac (FITS)"] = ctx.vac_fits_path
+        result.products["vac (Parquet)"] = ctx.vac_parquet_path
+        _stage(result, "compare", ctx.compare)
+        _stage(result, "report", ctx.report)
+        result.products["report"] = ctx.report_dir / "report.html"
     return result
 
 

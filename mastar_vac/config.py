@@ -23,8 +23,10 @@ from typing import Any
 from .emulator import TrainConfig
 from .errors import ConfigError
 from .fit import FitConfig
+from .quality import QualityConfig
 from .reference import ReferenceConfig
 from .synthetic import SyntheticConfig
+from .uncertainty import UncertaintyConfig
 
 __all__ = [
     "Config",
@@ -37,6 +39,8 @@ __all__ = [
     "SyntheticConfig",
     "TrainConfig",
     "FitConfig",
+    "UncertaintyConfig",
+    "QualityConfig",
     "load_config",
     "default_config_path",
     "config_hash",
@@ -66,6 +70,7 @@ class InputsConfig:
     gaia_dr3: Path | None = None
     synthetic_grid: Path | None = None  # FERRE grid (.hdr/.unf or .dat) for the theoretical extension
     emulator: Path | None = None  # a saved emulator to use instead of training one
+    comparison_labels: Path | None = None  # CSV of published labels by MANGAID (the demo: the MILES catalogue)
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,8 @@ class Config:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     emulator: TrainConfig = field(default_factory=TrainConfig)
     fit: FitConfig = field(default_factory=FitConfig)
+    uncertainty: UncertaintyConfig = field(default_factory=UncertaintyConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     source: Path | None = None  # the TOML file this came from

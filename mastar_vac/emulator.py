@@ -286,6 +286,9 @@ class TrainConfig:
     patience: int = 200  # epochs without improvement of the test loss before stopping
     max_minutes: float = 9.0  # wall-clock cap on training
     error_floor: float = 0.01  # σ added in quadrature to the pixel errors in the loss weights
+    # pixels at each end of the covered range left out of training and fitting: the
+    # running-median continuum is one-sided there and the emulator is worst (DESIGN.md)
+    edge_pixels: int = 100
     test_fraction: float = 0.1
     validation_fraction: float = 0.1
     seed: int = 20221
@@ -330,6 +333,16 @@ def loss_weights(ivar: NDArray, error_floor: float) -> NDArray[np.float32]:
         var = np.where(ivar > 0, 1.0 / np.maximum(ivar, 1e-30), np.inf)
     w = error_floor**2 / (var + error_floor**2)
     return np.where(ivar > 0, w, 0.0).astype(np.float32)
+
+
+def edge_mask(covered: NDArray[np.bool_], n: int) -> NDArray[np.bool_]:
+    """The first and last ``n`` covered pixels (True there)."""
+    idx = np.flatnonzero(covered)
+    out = np.zeros(len(covered), bool)
+    if len(idx):
+        out[idx[:n]] = True
+        out[idx[-n:]] = True
+    return out
 
 
 def train_emulator(labels: NDArray, flux: NDArray, ivar: NDArray, *, label_names: Sequence[str],
@@ -388,6 +401,9 @@ def train_emulator(labels: NDArray, flux: NDArray, ivar: NDArray, *, label_names
     scaled = ((tlabels - x_min) / span - 0.5).astype(np.float32)
     weights = loss_weights(ivar, config.error_floor)
     pixel_mask = (weights[tr] > 0).any(axis=0)
+    if config.edge_pixels > 0:
+        pixel_mask &= ~edge_mask(pixel_mask, config.edge_pixels)
+        weights = weights * pixel_mask[None, :]
     flux_filled = np.where(weights > 0, flux, 0.0).astype(np.float32)  # no NaN into the graph
 
     if config.threads:

@@ -24,9 +24,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -373,23 +375,21 @@ def fit_spectra(emu: Emulator, flux: NDArray, ivar: NDArray, *, config: FitConfi
     # covariance from JᵀWJ at the solution (in float64), scaled → physical
     cov = np.full((n, L, L), np.nan)
     ok = fittable & (status == 0) & np.isfinite(best_chi2)
-    if best_J is None:
-        rows = np.flatnonzero(ok)
-        Jp = np.zeros((len(rows), P, L))
-        for s0 in range(0, len(rows), 256):
-            r_ = rows[s0:s0 + 256]
+    rows = np.flatnonzero(ok)
+    for s0 in range(0, len(rows), 512):
+        r_ = rows[s0:s0 + 512]
+        if best_J is not None:
+            Jr = best_J[r_].astype(np.float64)
+        else:
             xt = torch.as_tensor(best_x[r_], dtype=torch.float64)
-            Jp[s0:s0 + 256] = _net_for(emu, "cpu", "float64").model_jac(xt)[1].numpy()
-        Jall = dict(zip(rows, Jp))
-    for i in np.flatnonzero(ok):
-        Ji = (best_J[i] if best_J is not None else Jall[i]).astype(np.float64)
-        F = (Ji * w[i][:, None]).T @ Ji
+            Jr = _net_for(emu, "cpu", "float64").model_jac(xt)[1].numpy()
+        F = np.einsum("npl,np,npk->nlk", Jr, w[r_], Jr)
         try:
             cs = np.linalg.inv(F)
-        except np.linalg.LinAlgError:
+        except np.linalg.LinAlgError:  # a singular Fisher matrix somewhere in the block
             cs = np.linalg.pinv(F)
-        d = emu.dlabel_dscaled(best_x[i])
-        cov[i] = cs * np.outer(d, d)
+        d = emu.dlabel_dscaled(best_x[r_])
+        cov[r_] = cs * d[:, :, None] * d[:, None, :]
     labels = emu.unscale(best_x)
     dof = np.maximum(npix - L, 0).astype(np.int64)
     chi2 = np.where(np.isfinite(best_chi2), best_chi2, np.nan)
@@ -498,24 +498,50 @@ def result_table(res: FitResult) -> NDArray[np.float64]:
                             res.start_index, bound_bits]).astype(np.float64)
 
 
-def _fit_block(norm_flux: NDArray, norm_ivar: NDArray, starts: NDArray, emu: Emulator,
-               config: FitConfig) -> NDArray[np.float64]:
+def _fit_block(norm_flux: NDArray, norm_ivar: NDArray, starts: NDArray, emu: Emulator, config: FitConfig,
+               parts_dir: str | None = None, block_info: dict | None = None) -> NDArray[np.float64]:
+    """Fit one block; with ``parts_dir``, keep the result as a checkpoint file.
+
+    A block whose checkpoint exists is read back instead of refitted: a killed run
+    resumes with the blocks it finished (the directory is specific to the emulator,
+    the cube and the fit settings, so a checkpoint is never stale).
+    """
+    part = None
+    if parts_dir is not None and block_info is not None:
+        i = block_info[0]["chunk-location"][0]
+        part = Path(parts_dir) / f"block-{i:05d}.npy"
+        if part.exists():
+            try:
+                done = np.load(part, allow_pickle=False)
+                if done.shape[0] == len(norm_flux):
+                    return done
+            except (OSError, ValueError):
+                pass  # a damaged checkpoint is recomputed
     t0 = time.perf_counter()
     res = fit_spectra(emu, norm_flux, norm_ivar, config=config,
                       starts=starts if np.isfinite(starts).any() else None)
+    table = result_table(res)
     log.debug("fitted %d spectra in %.1fs", len(norm_flux), time.perf_counter() - t0)
-    return result_table(res)
+    if part is not None:
+        from .io.atomic import atomic_path
+
+        with atomic_path(part) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, table)
+    return table
 
 
 def fit_cube(cube, emulator: Any, *, config: FitConfig = FitConfig(),  # noqa: ANN001
-             starts: NDArray | None = None, emulator_hash: str | None = None) -> Any:
+             starts: NDArray | None = None, emulator_hash: str | None = None,
+             parts_dir: str | os.PathLike[str] | None = None) -> Any:
     """Fit every visit of a normalized cube on Dask; returns a Dask DataFrame.
 
-    ``emulator`` is a path to a saved emulator (loaded once per worker, through one
-    ``dask.delayed`` task that every block depends on — not copied into each task) or
-    an :class:`Emulator` (wrapped the same way). ``starts`` (nvisit, L) physical
-    labels or NaN. The frame is keyed by (MANGAID, PLATE, IFUDESIGN, MJD), one row per
-    visit, in cube order.
+    The fit is ``map_blocks`` over the cube's visit chunks. ``emulator`` is a path to a
+    saved emulator (loaded once per worker, through one ``dask.delayed`` task that every
+    block depends on — not copied into each task) or an :class:`Emulator` (wrapped the
+    same way). ``starts`` (nvisit, L): physical starting labels or NaN. ``parts_dir``:
+    keep each block's result there as a checkpoint (see :func:`_fit_block`). The frame
+    is keyed by (MANGAID, PLATE, IFUDESIGN, MJD), one row per visit, in cube order.
     """
     import dask
     import dask.array as da
@@ -538,8 +564,11 @@ def fit_cube(cube, emulator: Any, *, config: FitConfig = FitConfig(),  # noqa: A
         starts = np.full((nf.shape[0], L), np.nan)
     st = da.from_array(np.asarray(starts, np.float64), chunks=(nf.chunks[0], (L,)))
     cols = result_columns(names)
-    out = da.map_blocks(_fit_block, nf, ni, st, emu_d, config, dtype=np.float64,
-                        chunks=(nf.chunks[0], (len(cols),)), name="fit-spectra")
+    if parts_dir is not None:
+        Path(parts_dir).mkdir(parents=True, exist_ok=True)
+    out = da.map_blocks(_fit_block, nf, ni, st, emu_d, config, None if parts_dir is None else str(parts_dir),
+                        dtype=np.float64, chunks=(nf.chunks[0], (len(cols),)), name="fit-spectra",
+                        meta=np.empty((0, len(cols)), np.float64))  # no trial call on empty arrays
     ddf = dd.from_dask_array(out, columns=cols)
     keys = {"MANGAID": cube["mangaid"].data, "PLATE": cube["plate"].data, "IFUDESIGN": cube["ifudesign"].data,
             "MJD": cube["mjd"].data}

@@ -65,6 +65,26 @@ class StageContext:
     def validation_path(self) -> Path:
         return self.outdir / "validation" / "table1.json"
 
+    @property
+    def catalog_dir(self) -> Path:
+        return self.outdir / "catalog"
+
+    @property
+    def vac_fits_path(self) -> Path:
+        return self.catalog_dir / "mastar_vac_params.fits"
+
+    @property
+    def vac_parquet_path(self) -> Path:
+        return self.catalog_dir / "mastar_vac_params.parquet"
+
+    @property
+    def compare_path(self) -> Path:
+        return self.outdir / "compare" / "comparisons.json"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.outdir / "report"
+
     def emulator_in_use(self) -> Path:
         return Path(self.cfg.inputs.emulator) if self.cfg.inputs.emulator is not None else self.emulator_path
 
@@ -210,13 +230,20 @@ class StageContext:
         cube = open_cube(self.cube_path)
         gaia = read_gaia_xmatch(c.inputs.gaia_xmatch) if c.inputs.gaia_xmatch else None
         starts = photometric_starts(gaia, cube["mangaid"].values.astype(str), emu.label_names)
-        ddf = fit_cube(cube, emu_path, config=c.fit, starts=starts, emulator_hash=emu.content_hash())
+        # per-block checkpoints: a killed fit resumes with the blocks it finished
+        parts = self.fits_path.parent / f".blocks-{key}"
+        ddf = fit_cube(cube, emu_path, config=c.fit, starts=starts, emulator_hash=emu.content_hash(),
+                       parts_dir=parts)
         from .progress import compute
 
         with atomic_dir(self.fits_path) as tmp:
             compute(ddf.to_parquet(str(tmp), write_index=False, compute=False), enabled=self.progress)
         import pandas as pd
 
+        import shutil
+
+        for old in self.fits_path.parent.glob(".blocks-*"):
+            shutil.rmtree(old, ignore_errors=True)  # the product is complete: checkpoints go
         st = pd.read_parquet(self.fits_path, columns=["STATUS"])["STATUS"].to_numpy()
         counts = {name: int((st == code).sum()) for name, code in STATUS.items()}
         record(self.fits_path, key, n=int(len(st)), status=counts, emulator=emu.content_hash())
@@ -282,6 +309,199 @@ class StageContext:
             if r and "TEFF" in r:
                 parts.append(f"{rng}: MAD Teff {r['TEFF']['mad']:.0f} K (N={r['n']})")
         return "; ".join(parts) or "see validation/table1.txt"
+
+
+    # -- catalogue ---------------------------------------------------------------
+    def catalog(self) -> tuple[str, str]:
+        """Uncertainties, quality flags, the FITS VAC and the Parquet dataset."""
+        import pandas as pd
+
+        from . import __version__
+        from .catalog import VAC_KEY, assemble_catalog
+        from .emulator import load_emulator
+        from .io.cube import open_cube
+        from .io.vac import write_vac_fits, write_vac_parquet
+        from .quality import describe_bits, training_range_from_emulator
+        from .uncertainty import format_precision_table
+
+        c = self.cfg
+        key = stage_key(fit=self.keys["fit"], uncertainty=c.uncertainty, quality=c.quality, version=__version__)
+        self.keys["catalog"] = key
+        if is_current(self.vac_parquet_path, key) and self.vac_fits_path.exists():
+            return "reused", self._catalog_detail()
+        emu = load_emulator(self.emulator_in_use())
+        fits = pd.read_parquet(self.fits_path)
+        visits = visit_table(open_cube(self.cube_path))
+        vac, report = assemble_catalog(fits, visits, emu.label_names,
+                                       training_range=training_range_from_emulator(emu, emu.label_names),
+                                       uncertainty=c.uncertainty, quality=c.quality)
+        # integrity: one row per input visit, unique keys (checked again on what was written)
+        if len(vac) != len(visits) or vac.duplicated(list(VAC_KEY)).any():
+            raise RuntimeError(f"catalogue integrity: {len(vac)} rows for {len(visits)} visits, keys unique: "
+                               f"{not vac.duplicated(list(VAC_KEY)).any()}")
+        bits = describe_bits(c.quality)
+        prov = {"package_version": __version__, "emulator_hash": emu.content_hash(), "config": c.to_dict(),
+                "inputs": {k: str(v) for k, v in c.to_dict()["inputs"].items() if isinstance(v, str)}}
+        self.catalog_dir.mkdir(parents=True, exist_ok=True)
+        write_vac_fits(self.vac_fits_path, vac, provenance=prov, flag_bits=bits, fitted_labels=emu.label_names)
+        write_vac_parquet(self.vac_parquet_path, vac, provenance=prov, flag_bits=bits,
+                          fitted_labels=emu.label_names)
+        back = pd.read_parquet(self.vac_parquet_path, columns=list(VAC_KEY))
+        if len(back) != len(visits) or back.duplicated(list(VAC_KEY)).any():
+            raise RuntimeError(f"{self.vac_parquet_path}: {len(back)} rows written for {len(visits)} visits")
+        (self.catalog_dir / "uncertainty.json").write_text(json.dumps(report, indent=1, default=_json_default))
+        table3 = format_precision_table(pd.DataFrame(report["uncertainty"]["precision_table"]))
+        widths = report["uncertainty"].get("calibration_width", {})
+        text = (table3 + "\n\ncalibration: robust width of (x1 - x2)/sqrt(s1^2 + s2^2) over repeat pairs: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in widths.items()))
+        (self.catalog_dir / "uncertainty.txt").write_text(text + "\n")
+        log.info("uncertainties (Table 3 analogue):\n%s", text)
+        from .quality import flag_counts
+
+        record(self.vac_parquet_path, key, n=len(vac), n_visits=len(visits), n_valid=int(vac["VALID"].sum()),
+               keys_unique=True, flags={k: v for k, v in flag_counts(vac["FLAG"].to_numpy()).items() if v},
+               calibration_widths=widths)
+        return "ran", self._catalog_detail()
+
+    def _catalog_detail(self) -> str:
+        rec = read_record(self.vac_parquet_path) or {}
+        w = ", ".join(f"{k} {v:.2f}" for k, v in (rec.get("calibration_widths") or {}).items())
+        return (f"{rec.get('n')} rows = {rec.get('n_visits')} input visits, keys unique; "
+                f"{rec.get('n_valid')} VALID; repeat-pair widths {w}")
+
+    def compare(self) -> tuple[str, str]:
+        """Cross-match with LAMOST / SEGUE / Gaia DR3 / a labels table; Table 2; CMD."""
+        import dask.dataframe as dd
+        import pandas as pd
+
+        from .compare import cmd_table, comparison_table, crossmatch, format_comparison_tables
+        from .io.catalogs import iter_external_blocks, read_gaia_dr3
+        from .plots import plot_cmd, plot_comparison
+
+        c = self.cfg
+        ext = {"LAMOST": c.inputs.lamost, "SEGUE": c.inputs.segue, "GAIA": c.inputs.gaia_dr3}
+        key = stage_key(catalog=self.keys["catalog"], **{k: file_fingerprint(v) for k, v in ext.items()},
+                        labels=file_fingerprint(c.inputs.comparison_labels),
+                        gaia_xmatch=file_fingerprint(c.inputs.gaia_xmatch))
+        if is_current(self.compare_path, key):
+            return "reused", self._compare_detail()
+        d = self.compare_path.parent
+        d.mkdir(parents=True, exist_ok=True)
+        vac = dd.read_parquet(str(self.vac_parquet_path))
+        tables: dict[str, pd.DataFrame] = {}
+        figures: list[str] = []
+        for survey, path in (("LAMOST", c.inputs.lamost), ("SEGUE", c.inputs.segue)):
+            if path is None:
+                continue
+            joined = crossmatch(vac, iter_external_blocks(path, survey.lower()), prefix=survey,
+                                ext_filter=lambda b: b["TEFF"].notna()).compute()
+            tables[survey] = comparison_table(joined, survey)
+            figures.append(str(plot_comparison(joined, survey, d / f"compare_{survey.lower()}.png")))
+        gaia_cmd = None
+        if c.inputs.gaia_dr3 is not None:
+            from .io.gaia_xmatch import read_gaia_xmatch
+
+            g3 = read_gaia_dr3(c.inputs.gaia_dr3)
+            vac_ids = vac
+            if c.inputs.gaia_xmatch is not None:  # EDR3 ids from the crossmatch VAC = DR3 ids
+                sid = read_gaia_xmatch(c.inputs.gaia_xmatch)[["MANGAID", "SOURCE_ID"]].dropna()
+                sid["SOURCE_ID"] = sid["SOURCE_ID"].astype("int64").astype(str)
+                vac_ids = vac.merge(sid, on="MANGAID", how="left")
+                joined = crossmatch(vac_ids, g3, id_match=("SOURCE_ID", "SOURCE_ID"), prefix="GAIA").compute()
+            else:
+                joined = crossmatch(vac, g3, prefix="GAIA").compute()
+            tables["GAIA"] = comparison_table(joined, "GAIA", labels=("TEFF", "LOGG", "FEH"))
+            figures.append(str(plot_comparison(joined, "GAIA", d / "compare_gaia.png", labels=("TEFF", "LOGG", "FEH"))))
+            gaia_cmd = cmd_table(joined)
+        elif c.inputs.gaia_xmatch is not None:
+            from .io.gaia_xmatch import read_gaia_xmatch
+
+            gx = read_gaia_xmatch(c.inputs.gaia_xmatch)
+            if gx[["PARALLAX", "PHOT_G_MEAN_MAG"]].notna().all(axis=1).any():
+                gaia_cmd = cmd_table(vac.compute(), gx)
+        if gaia_cmd is not None and len(gaia_cmd):
+            figures.append(str(plot_cmd(gaia_cmd, d / "cmd_by_label.png")))
+        if c.inputs.comparison_labels is not None:
+            lab = read_labels_table(c.inputs.comparison_labels)
+            joined = crossmatch(vac, lab, id_match=("MANGAID", "ext_id"), prefix="PUBLISHED").compute()
+            tables["PUBLISHED"] = comparison_table(joined, "PUBLISHED", labels=("TEFF", "LOGG", "FEH"))
+            figures.append(str(plot_comparison(joined, "PUBLISHED", d / "compare_published.png",
+                                               labels=("TEFF", "LOGG", "FEH"))))
+        text = format_comparison_tables(tables) if tables else "no comparison catalogue configured"
+        (d / "table2.txt").write_text(text + "\n")
+        log.info("comparisons (Table 2 analogue):\n%s", text)
+        out = {k: v.to_dict(orient="records") for k, v in tables.items()}
+        self.compare_path.write_text(json.dumps({"tables": out, "figures": figures}, indent=1,
+                                                default=_json_default))
+        record(self.compare_path, key, surveys=list(tables), figures=figures)
+        return "ran", self._compare_detail()
+
+    def _compare_detail(self) -> str:
+        rec = read_record(self.compare_path) or {}
+        s = rec.get("surveys") or []
+        return f"compared with {', '.join(s)}" if s else "no comparison catalogue configured"
+
+    def report(self) -> tuple[str, str]:
+        """Figures and the report (Markdown + HTML) with every table of the run."""
+        from .report_build import build_report
+
+        key = stage_key(**{k: v for k, v in self.keys.items()}, compare=(read_record(self.compare_path) or {})
+                        .get("key"))
+        target = self.report_dir / "report.html"
+        if is_current(target, key):
+            return "reused", str(target)
+        build_report(self)
+        record(target, key)
+        return "ran", str(target)
+
+
+def visit_table(cube) -> Any:  # noqa: ANN001
+    """The cube's per-visit coordinates the catalogue needs, in cube order."""
+    import pandas as pd
+
+    return pd.DataFrame({
+        "MANGAID": cube["mangaid"].values.astype(str), "PLATE": cube["plate"].values.astype(np.int32),
+        "IFUDESIGN": cube["ifudesign"].values.astype(str), "MJD": cube["mjd"].values.astype(np.int32),
+        "RA": cube["ra"].values, "DEC": cube["dec"].values, "S2N": cube["s2n"].values.astype(np.float32),
+        "MJDQUAL": cube["mjdqual"].values.astype(np.int64),
+    })
+
+
+def read_labels_table(path: Path) -> Any:
+    """A table of published labels keyed by MANGAID (CSV with columns mangaid, teff,
+    logg, fe_h — the demo's MILES catalogue), in the standardized external schema."""
+    import pandas as pd
+
+    from .errors import InputFileError
+
+    try:
+        t = pd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        raise InputFileError(path, f"cannot be read as CSV ({exc})") from None
+    cols = {c.lower(): c for c in t.columns}
+    need = ["mangaid", "teff", "logg"]
+    missing = [n for n in need if n not in cols]
+    if missing:
+        raise InputFileError(path, "required column(s) missing", column=",".join(missing),
+                             expected="mangaid, teff, logg and fe_h (or feh)")
+    feh = cols.get("fe_h") or cols.get("feh")
+    return pd.DataFrame({
+        "survey": "PUBLISHED", "ext_id": t[cols["mangaid"]].astype(str).str.strip(),
+        "RA": np.nan, "DEC": np.nan,
+        "TEFF": pd.to_numeric(t[cols["teff"]], errors="coerce"),
+        "LOGG": pd.to_numeric(t[cols["logg"]], errors="coerce"),
+        "FEH": pd.to_numeric(t[feh], errors="coerce") if feh else np.nan,
+    })
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
 
 
 def _optional_columns(path: Path, names: tuple[str, ...]) -> list[str]:

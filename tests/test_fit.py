@@ -126,3 +126,39 @@ def test_fit_cube_on_dask_loads_the_emulator_once(tmp_path):
     direct = fit_spectra(emu, f, iv)
     np.testing.assert_allclose(df["TEFF"].to_numpy()[np.arange(n) != 7], direct.labels[np.arange(n) != 7, 0],
                                rtol=1e-5)
+
+
+def test_fit_cube_resumes_from_block_checkpoints(tmp_path, monkeypatch):
+    import mastar_vac.fit as fitmod
+
+    emu = toy_emulator()
+    truth = toy_labels(24, seed=13)
+    truth[:, 0] = np.clip(truth[:, 0], 4500, 8500)
+    f, iv = _noisy(emu, truth, seed=6)
+    n = len(f)
+    cube = xr.Dataset(
+        {"norm_flux": (("visit", "wave"), f.astype(np.float32)), "norm_ivar": (("visit", "wave"), iv.astype(np.float32))},
+        coords={"mangaid": ("visit", np.array([f"7-{i}" for i in range(n)])), "plate": ("visit", np.full(n, 9000)),
+                "ifudesign": ("visit", np.array(["3701"] * n)), "mjd": ("visit", 57000 + np.arange(n))},
+    ).chunk({"visit": 8})
+    parts = tmp_path / "parts"
+    calls = {"n": 0}
+    real = fitmod.fit_spectra
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")  # the run dies in its third block
+        return real(*a, **k)
+
+    monkeypatch.setattr(fitmod, "fit_spectra", dying)
+    with pytest.raises(KeyboardInterrupt):
+        fit_cube(cube, emu, parts_dir=parts).compute(scheduler="sync")
+    n_done = len(list(parts.glob("block-*.npy")))
+    assert n_done == 2
+    calls["n"] = -100
+    df = fit_cube(cube, emu, parts_dir=parts).compute(scheduler="sync")
+    assert calls["n"] == -100 + (3 - n_done)  # only the unfinished blocks were fitted again
+    assert len(list(parts.glob("block-*.npy"))) == 3
+    ref = fit_cube(cube, emu).compute(scheduler="sync")
+    np.testing.assert_array_equal(df["TEFF"].to_numpy(), ref["TEFF"].to_numpy())

@@ -1,0 +1,114 @@
+"""The run report: Markdown and standalone HTML, escaped, with relative figure links."""
+
+from __future__ import annotations
+
+import html.parser
+
+import pytest
+
+from mastar_vac.report import Section, markdown_to_html, write_report
+
+
+class _Collector(html.parser.HTMLParser):
+    """Tags, attributes and text of a page (to check structure without string matching)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.text: list[str] = []
+        self.open: list[str] = []
+
+    def handle_starttag(self, tag, attrs):  # noqa: ANN001
+        self.tags.append((tag, dict(attrs)))
+        if tag not in ("img", "meta", "hr", "br", "link"):
+            self.open.append(tag)
+
+    def handle_endtag(self, tag):  # noqa: ANN001
+        assert self.open and self.open[-1] == tag, f"</{tag}> closes {self.open[-1:]}"
+        self.open.pop()
+
+    def handle_data(self, data):  # noqa: ANN001
+        self.text.append(data)
+
+
+def _parse(page: str) -> _Collector:
+    c = _Collector()
+    c.feed(page)
+    c.close()
+    assert not c.open, f"unclosed tags {c.open}"
+    return c
+
+
+@pytest.fixture
+def figures(tmp_path):
+    figs = tmp_path / "out" / "figures"
+    figs.mkdir(parents=True)
+    for name in ("kiel.png", "cmd plot.png"):
+        (figs / name).write_bytes(b"\x89PNG\r\n\x1a\n")
+    return figs
+
+
+def test_write_report(tmp_path, figures):
+    out = tmp_path / "out"
+    sections = [
+        Section("Summary", "The run fitted **59,266** visits; `VALID` for *most*.\n\n- one\n- two <b>not bold</b>",
+                tables=["label  offset  scatter\nTEFF     12.0     95.1\nLOGG <x> 0.01 0.10"],
+                figures=[figures / "kiel.png", (figures / "cmd plot.png", "Gaia CMD <coloured>")]),
+        Section("Comparison & <script>alert('x')</script>", "See [LAMOST](https://www.lamost.org/) and "
+                "[bad](javascript:alert(1)).", figures=["figures/kiel.png"]),
+        Section("Summary", ""),  # a repeated heading gets its own anchor
+    ]
+    md, page = write_report(out, title="MaStar VAC <demo>", sections=sections, generated="2024-01-01 00:00 UTC")
+    assert md == out / "report.md" and page == out / "report.html"
+    assert not [p for p in out.iterdir() if ".part-" in p.name]
+
+    text = md.read_text()
+    assert text.startswith("# MaStar VAC <demo>\n")
+    assert "## Summary" in text and "**59,266**" in text
+    assert "![kiel](<figures/kiel.png>)" in text
+    assert "![Gaia CMD <coloured>](<figures/cmd plot.png>)" in text
+    assert "```\nlabel  offset  scatter\n" in text
+
+    source = page.read_text()
+    doc = _parse(source)
+    assert "<script>" not in source and "javascript:" not in source
+    imgs = [a["src"] for t, a in doc.tags if t == "img"]
+    assert imgs == ["figures/kiel.png", "figures/cmd%20plot.png", "figures/kiel.png"]
+    assert all(not s.startswith("/") for s in imgs)  # relative links only
+    links = [a["href"] for t, a in doc.tags if t == "a"]
+    assert "https://www.lamost.org/" in links
+    ids = [a["id"] for t, a in doc.tags if t == "section"]
+    assert ids == ["summary", "comparison-script-alert-x-script", "summary-2"]
+    body = "".join(doc.text)
+    assert "MaStar VAC <demo>" in body  # shown as text, escaped in the source
+    assert "two <b>not bold</b>" in body
+    assert "LOGG <x> 0.01" in body
+    assert ("strong", {}) in doc.tags and ("code", {}) in doc.tags and ("pre", {}) in doc.tags
+
+
+def test_missing_figure_is_linked_with_a_warning(tmp_path, caplog):
+    md, page = write_report(tmp_path, title="t", sections=[Section("A", "x", figures=["nope.png"])])
+    assert "nope.png" in md.read_text() and 'src="nope.png"' in page.read_text()
+    assert any("does not exist" in r.message for r in caplog.records)
+
+
+def test_rewrite_replaces(tmp_path):
+    write_report(tmp_path, title="first", sections=[Section("A", "one")])
+    md, _ = write_report(tmp_path, title="second", sections=[Section("B", "two")])
+    assert md.read_text().startswith("# second")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html", "report.md"]
+
+
+@pytest.mark.parametrize("src,expect", [
+    ("# H1", "<h1>H1</h1>"),
+    ("a *b* c_d_e **f**", "<p>a <em>b</em> c_d_e <strong>f</strong></p>"),
+    ("`<x> **y**`", "<p><code>&lt;x&gt; **y**</code></p>"),
+    ("```\n<raw>\n```", "<pre><code>&lt;raw&gt;</code></pre>"),
+    ("[a](http://x.org/?a=1&b=2)", '<p><a href="http://x.org/?a=1&amp;b=2">a</a></p>'),
+    ("[a](data:text/html,evil)", "<p>a</p>"),
+    ('![a"b](fig.png)', '<p><img src="fig.png" alt="a&quot;b"></p>'),
+    ("1. x\n2. y", "<ol>\n<li>x</li>\n<li>y</li>\n</ol>"),
+    ("<img src=x onerror=alert(1)>", "<p>&lt;img src=x onerror=alert(1)&gt;</p>"),
+])
+def test_markdown_subset(src, expect):
+    assert markdown_to_html(src) == expect
