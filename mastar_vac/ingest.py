@@ -216,11 +216,30 @@ def ingest_spectra(source: str | os.PathLike[str], store: str | os.PathLike[str]
         if logged > max_logged_problems:
             log.warning("%s: %d more pixel-level problems not shown (see ingest_flags in the cube)",
                         source, logged - max_logged_problems)
+    _check_unique_keys(cube.path, source)
     counts = summarize_flags(_read_flags(cube.path))
     cube.finalize(ingest_flag_counts=counts, ingest_flag_bits=INGEST_FLAGS)
     summary = IngestSummary(cube.path, cube.nvisit, resumed, len(todo), cube.nchunks - len(todo), counts)
     log.info("%s", summary)
     return summary
+
+
+def _check_unique_keys(path: Path, source: Path) -> None:
+    """Every visit key (MANGAID, PLATE, IFUDESIGN, MJD) must be unique: the catalogue
+    promises one row per visit, and a repeated key would make two rows indistinguishable."""
+    import zarr
+
+    from .errors import InputFileError
+
+    g = zarr.open_group(str(path), mode="r", zarr_format=2)
+    keys = pd.DataFrame({k: g[k][:] for k in ("mangaid", "plate", "ifudesign", "mjd")})
+    dup = keys.duplicated(keep=False)
+    if dup.any():
+        rows = np.asarray(g["source_row"][:])[dup.to_numpy()]
+        first = keys[dup].iloc[0]
+        raise InputFileError(source, f"visit key {tuple(first)} repeats ({int(dup.sum())} rows share keys)",
+                             row=int(rows[0]), column="MANGAID,PLATE,IFUDESIGN,MJD",
+                             expected=f"unique visits; repeated at rows {rows[:10].tolist()}")
 
 
 def _read_flags(path: Path) -> np.ndarray:

@@ -47,7 +47,7 @@ def build_report(ctx: StageContext) -> tuple[Path, Path]:
     from .io.vac import read_vac_parquet
     from .quality import describe_bits, flag_counts
 
-    d = ctx.report_dir
+    d = ctx.report_dir.resolve()  # absolute: the report links figures relative to itself
     d.mkdir(parents=True, exist_ok=True)
     vac = read_vac_parquet(ctx.vac_parquet_path)
     emu = load_emulator(ctx.emulator_in_use())
@@ -63,7 +63,7 @@ def build_report(ctx: StageContext) -> tuple[Path, Path]:
         lab = np.column_stack([vac[{"TEFF": "TEFF", "LOGG": "LOGG", "FE_H": "FEH", "M_H": "FEH", "ALPHA_FE": "ALPHA",
                                     "ALPHA_M": "ALPHA", "LOG10_VMICRO": "VMICRO"}[n]].to_numpy()[rows]
                                for n in emu.label_names])
-        model = emu.predict(lab)
+        model = np.where(emu.pixel_mask[None, :], emu.predict(lab), np.nan)  # only where the emulator is trained
         captions = [f"{vac['MANGAID'].iloc[i]} MJD {vac['MJD'].iloc[i]}: Teff {vac['TEFF'].iloc[i]:.0f} K, "
                     f"log g {vac['LOGG'].iloc[i]:.2f}, [Fe/H] {vac['FEH'].iloc[i]:+.2f}, "
                     f"chi2_red {vac['CHISQ'].iloc[i]:.2f}" for i in rows]
@@ -87,7 +87,7 @@ def build_report(ctx: StageContext) -> tuple[Path, Path]:
         Section("Emulator (Figure 5)", text="Fraction of pixels whose emulated flux is within 2% and 4% of the "
                 "observed normalized flux, for the training, test and held-out sets.",
                 tables=[_read(ctx.training_dir / "emulator_diagnostic.txt")],
-                figures=[(ctx.training_dir / "emulator_diagnostic.png", "emulated vs observed flux")]
+                figures=[((ctx.training_dir / "emulator_diagnostic.png").resolve(), "emulated vs observed flux")]
                 if (ctx.training_dir / "emulator_diagnostic.png").exists() else []),
         Section("Validation (Table 1)", text="Held-out reference stars fitted like survey spectra; fitted − "
                 "reference labels, median offset / median absolute deviation.",
@@ -101,7 +101,7 @@ def build_report(ctx: StageContext) -> tuple[Path, Path]:
     sections.append(Section("Comparisons (Table 2, Figure 11)",
                             text="VAC − external catalogue: median offset and scatter per label (VALID visits).",
                             tables=[_read(ctx.compare_path.parent / "table2.txt")],
-                            figures=[Path(f) for f in cmp.get("figures", [])]))
+                            figures=[Path(f).resolve() for f in cmp.get("figures", [])]))
     if "fits" in figs:
         sections.append(Section("Example fits", figures=[(figs["fits"], "normalized spectra, best fits, residuals")]))
     return write_report(d, title=f"mastar_vac — {ctx.cfg.run.name}", sections=sections)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .config import Config
+from .errors import InputFileError
 from .io.cube import file_fingerprint
 from .io.provenance import is_current, read_record, record, stage_key
 
@@ -133,7 +134,14 @@ class StageContext:
         allstar = read_allstar(c.inputs.allstar, [col for col in cols if col not in ("VSCATTER", "SNR")] +
                                _optional_columns(c.inputs.allstar, ("VSCATTER", "SNR")))
         gaia = read_gaia_xmatch(c.inputs.gaia_xmatch) if c.inputs.gaia_xmatch else None
-        ref = build_reference_set(cube, allstar, gaia, c.emulator.labels, c.reference)
+        try:
+            ref = build_reference_set(cube, allstar, gaia, c.emulator.labels, c.reference)
+        except ValueError as exc:  # e.g. no star matched: a problem of the inputs, said plainly
+            raise InputFileError(c.inputs.allstar, str(exc)) from None
+        if len(ref) < 10:
+            raise InputFileError(c.inputs.allstar, f"only {len(ref)} reference stars survive the match and cuts "
+                                 f"({ref.cut_report}); at least 10 are needed to train",
+                                 expected="APOGEE stars with valid labels among the MaStar targets")
         if c.inputs.synthetic_grid is not None:
             from .io.ferre import read_ferre
             from .synthetic import synthetic_extension, target_lsf

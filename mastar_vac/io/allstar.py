@@ -15,7 +15,7 @@ import pandas as pd
 
 from ..errors import InputFileError
 from .fitstable import BinTableReader, FitsWriter
-from .layouts import ALLSTAR, resolve_column
+from .layouts import ALLSTAR, NUMERIC, check_column_kind, resolve_column
 from .tables import sentinel_to_nan
 
 __all__ = ["read_allstar", "write_allstar", "DEFAULT_ALLSTAR_COLUMNS"]
@@ -25,6 +25,9 @@ DEFAULT_ALLSTAR_COLUMNS = (
     "TEFF", "TEFF_ERR", "LOGG", "LOGG_ERR", "M_H", "ALPHA_M", "ALPHA_M_ERR", "FE_H", "FE_H_ERR", "VMICRO",
     "ASPCAPFLAG", "STARFLAG", "EXTRATARG", "GAIAEDR3_SOURCE_ID",
 )
+
+
+_STRING_COLUMNS = {"APOGEE_ID", "TELESCOPE", "FIELD", "SURVEY", "ASPCAPFLAGS", "STARFLAGS"}
 
 
 def read_allstar(path: str | os.PathLike[str], columns: Sequence[str] = DEFAULT_ALLSTAR_COLUMNS, *,
@@ -45,6 +48,7 @@ def read_allstar(path: str | os.PathLike[str], columns: Sequence[str] = DEFAULT_
         for c in columns:
             if r.column(c).shape:
                 raise InputFileError(path, "is a vector column; name a scalar column", hdu=hdu, column=c)
+            check_column_kind(r, c, "A" if c in _STRING_COLUMNS else NUMERIC)
         parts = [cols for _, cols in r.iter_blocks(rows_per_block, columns=list(columns))]
     data = {c: (np.concatenate([p[c] for p in parts]) if parts else np.array([])) for c in columns}
     out = {}

@@ -715,8 +715,30 @@ def iter_external_blocks(path: PathLike, survey: str, rows: int = DEFAULT_BLOCK_
     schema = _schema(survey)
     with _Table(path, hdu) as table:
         resolved = _resolve(table.names, schema, table.path, table.hdu)
+        first = True
         for block in table.iter_blocks(rows, list(resolved.values()), _text_columns(resolved, schema)):
+            if first:
+                _check_numeric(block, resolved, schema, table)
+                first = False
             yield standardize_block(block, resolved, schema)
+
+
+def _check_numeric(block: Mapping[str, Any], resolved: Mapping[str, str], schema: SurveySchema,
+                   table: _Table) -> None:
+    """A numeric field stored as text that holds no number at all is a wrong column,
+    not missing data: say so instead of returning NaN everywhere."""
+    for f in schema.fields:
+        src = resolved.get(f.std)
+        if src is None or f.kind not in _FLOAT_KINDS:
+            continue
+        v = np.asarray(block[src])
+        if v.dtype.kind in "fiub" or v.size == 0:
+            continue
+        text = pd.Series(v, dtype=object).astype(str).str.strip()
+        filled = ~text.isin(["", "nan", "NaN", "None", "null", "NULL"])
+        if filled.any() and np.isnan(_to_float(v)[filled.to_numpy()]).all():
+            raise InputFileError(table.path, f"column holds text ({text[filled].iloc[0]!r}), not numbers",
+                                 hdu=table.hdu, column=src, expected=f"a numeric {f.std} column")
 
 
 def read_external(path: PathLike, survey: str, *, rows: int = DEFAULT_BLOCK_ROWS,

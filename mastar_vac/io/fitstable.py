@@ -184,7 +184,7 @@ def _parse_columns(header: fits.Header, path: Path, index: int) -> tuple[list[Co
         nfields = int(header["TFIELDS"])
         rowbytes = int(header["NAXIS1"])
     except (KeyError, ValueError, TypeError, fits.VerifyError) as exc:
-        raise InputFileError(path, f"binary-table header lacks {exc}", hdu=index) from None
+        raise InputFileError(path, f"corrupt header: binary-table keywords unreadable ({exc})", hdu=index) from None
     cols: list[ColumnInfo] = []
     fields: list[tuple[str, np.dtype]] = []
     seen: set[str] = set()
@@ -366,7 +366,23 @@ class BinTableReader:
                 self.path, f"file ends at row {start + got_rows} of {self.nrows} (truncated)",
                 hdu=self.hdu_name or self.hdu_index, row=start + got_rows,
                 expected=f"{self.nrows} rows of {self.row_bytes} bytes")
+        if stop == self.nrows:
+            self._check_padding()
         return np.frombuffer(data, dtype=self._dtype)
+
+    def _check_padding(self) -> None:
+        """A file cut inside the last 2880-byte block has lost nothing of the rows, but it
+        is a broken copy (an interrupted download): say so rather than read on."""
+        nbytes = self.nrows * self.row_bytes + int(self.header.get("PCOUNT", 0))
+        pad = (-nbytes) % BLOCK + int(self.header.get("PCOUNT", 0))
+        if pad == 0:
+            return
+        got = len(_read_exact(self._stream, pad, self.path, "the end of the table"))
+        self._pos = -1  # the stream is past the rows now: the next read seeks
+        if got < pad:
+            raise InputFileError(self.path, "file ends inside the table's final block (truncated)",
+                                 hdu=self.hdu_name or self.hdu_index,
+                                 expected=f"{pad} more bytes of FITS padding")
 
     def read(self, columns: Sequence[str] | None = None, start: int = 0,
              stop: int | None = None) -> dict[str, np.ndarray]:

@@ -19,7 +19,10 @@ from ..wavegrid import MASTAR_NPIX, mastar_wavelength, same_grid
 from .fitstable import BinTableReader, FitsWriter
 from .layouts import (
     GOODSPEC,
+    NUMERIC,
     Layout,
+    _check_layout_kind,
+    check_column_kind,
     check_vector_column,
     clean_ifudesign,
     clean_mangaid,
@@ -75,6 +78,7 @@ class SpectraReader:
             resolve_column(r, name)
         self.vectors = [v for v in _VECTORS if v in r.names]
         for v in self.vectors:
+            check_column_kind(r, v, NUMERIC)
             check_vector_column(r, v, npix)
         self.meta_columns: dict[str, str] = {}
         for col in self.layout.columns:
@@ -82,6 +86,10 @@ class SpectraReader:
                 continue
             actual = resolve_column(r, col.name, required=col.name in self.layout.required)
             if actual is not None:
+                _check_layout_kind(r, actual, col)
+                if col.shape and r.column(actual).shape != col.shape:
+                    raise InputFileError(self.path, f"per-row shape {r.column(actual).shape}",
+                                         hdu=r.hdu_name or r.hdu_index, column=actual, expected=str(col.shape))
                 self.meta_columns[col.name] = actual
         self.nrows = r.nrows
         self.npix = npix

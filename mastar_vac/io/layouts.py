@@ -32,6 +32,7 @@ __all__ = [
     "clean_mangaid",
     "clean_ifudesign",
     "check_vector_column",
+    "check_column_kind",
     "read_catalog",
 ]
 
@@ -280,6 +281,33 @@ def check_vector_column(reader: BinTableReader, name: str, length: int) -> None:
                              column=name, expected=f"{length} pixels (the MaStar grid)")
 
 
+def check_column_kind(reader: BinTableReader, name: str, kinds: str) -> None:
+    """Fail early when a column has the wrong type: ``kinds`` is a set of FITS codes
+    ("IJK" integers, "ED" floats, "A" strings, "L" logical, "B" bytes)."""
+    col = reader.column(name)
+    if col.code not in kinds:
+        names = {"I": "int16", "J": "int32", "K": "int64", "E": "float32", "D": "float64", "A": "string",
+                 "L": "logical", "B": "uint8"}
+        want = " or ".join(dict.fromkeys(names.get(k, k) for k in kinds))
+        raise InputFileError(reader.path, f"column has type {names.get(col.code, col.code)}",
+                             hdu=reader.hdu_name or reader.hdu_index, column=name, expected=want)
+
+
+NUMERIC = "BIJKED"
+INTEGER_OR_STRING = "BIJKA"
+
+
+def _check_layout_kind(reader: BinTableReader, actual: str, col: Col | None) -> None:
+    if col is None:
+        return
+    if col.name in ("MANGAID",):
+        check_column_kind(reader, actual, INTEGER_OR_STRING)
+    elif col.name == "IFUDESIGN":
+        check_column_kind(reader, actual, INTEGER_OR_STRING)
+    elif not col.dtype.startswith("U"):
+        check_column_kind(reader, actual, NUMERIC)
+
+
 def read_catalog(path: str | Path, layout: Layout, *, hdu: int | str | None = None,
                  columns: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """Read the named (canonical) columns of a small catalogue table.
@@ -297,6 +325,7 @@ def read_catalog(path: str | Path, layout: Layout, *, hdu: int | str | None = No
             col = resolve_column(r, name, required=name in layout.required)
             if col is not None:
                 actual[name] = col
+                _check_layout_kind(r, col, layout[name] if name in layout.names else None)
         data = r.read(list(dict.fromkeys(actual.values())))
     for name, col in actual.items():
         v = data[col]
