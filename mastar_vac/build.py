@@ -153,6 +153,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MastarVacError as exc:
         log.error("%s", exc)
         return 2
+    except OSError as exc:  # disk full, permissions, a vanished mount: say which file, stop cleanly
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        log.error("cannot read or write%s: %s. Outputs are written atomically: nothing half-written was left "
+                  "under its final name; rerun once fixed and finished stages are reused.", where,
+                  exc.strerror or exc)
+        return 2
     print(result.table())
     return 0
 

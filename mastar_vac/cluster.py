@@ -108,3 +108,43 @@ def dask_client(cfg: ClusterConfig, *, scheduler: str | None = None) -> Iterator
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+class WorkerMemoryMonitor:
+    """Peak resident memory of every worker of a running cluster, sampled from the client.
+
+    ``ru_maxrss`` is no measure here: worker processes can start as forks of a large
+    parent and inherit its peak. The monitor polls each worker's current RSS instead.
+    """
+
+    def __init__(self, client: Client, interval: float = 0.25) -> None:
+        import threading
+
+        self.client = client
+        self.interval = interval
+        self.peaks: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _rss() -> float:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 1024**3
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                for w, gb in self.client.run(self._rss, on_error="ignore").items():
+                    self.peaks[w] = max(self.peaks.get(w, 0.0), float(gb))
+            except Exception:  # noqa: BLE001 - a worker restarting: sample again next time
+                pass
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> WorkerMemoryMonitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -231,7 +231,7 @@ def _check_unique_keys(path: Path, source: Path) -> None:
 
     from .errors import InputFileError
 
-    g = zarr.open_group(str(path), mode="r", zarr_format=2)
+    g = zarr.open_group(str(path), mode="r", zarr_format=2, use_consolidated=False)
     keys = pd.DataFrame({k: g[k][:] for k in ("mangaid", "plate", "ifudesign", "mjd")})
     dup = keys.duplicated(keep=False)
     if dup.any():
@@ -245,7 +245,7 @@ def _check_unique_keys(path: Path, source: Path) -> None:
 def _read_flags(path: Path) -> np.ndarray:
     import zarr
 
-    return np.asarray(zarr.open_group(str(path), mode="r", zarr_format=2)["ingest_flags"][:])
+    return np.asarray(zarr.open_group(str(path), mode="r", zarr_format=2, use_consolidated=False)["ingest_flags"][:])
 
 
 def summarize_flags(flags: np.ndarray, bits: Mapping[str, int] = INGEST_FLAGS) -> dict[str, int]:

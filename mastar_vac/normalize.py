@@ -157,7 +157,7 @@ def normalize_cube(store: str | os.PathLike[str], *, window: int = DEFAULT_WINDO
     out = xr.Dataset({"norm_flux": (("visit", "wave"), nf), "norm_ivar": (("visit", "wave"), ni)})
     out["norm_flux"].attrs["long_name"] = "flux / running-median pseudo-continuum"
     out["norm_ivar"].attrs["long_name"] = "inverse variance of norm_flux (0 = no weight)"
-    g = zarr.open_group(str(store), mode="r+", zarr_format=2)
+    g = zarr.open_group(str(store), mode="r+", zarr_format=2, use_consolidated=False)
     attrs = {k: v for k, v in g.attrs.items() if k != "normalized"}
     g.attrs.put(attrs)  # an interrupted rewrite must not look finished
     for name in ("norm_flux", "norm_ivar"):
@@ -165,7 +165,7 @@ def normalize_cube(store: str | os.PathLike[str], *, window: int = DEFAULT_WINDO
             del g[name]
     out.attrs.update(attrs)  # to_zarr(mode="a") replaces the group's attributes with these
     out.to_zarr(str(store), mode="a", zarr_format=2, consolidated=False)
-    g = zarr.open_group(str(store), mode="r+", zarr_format=2)
+    g = zarr.open_group(str(store), mode="r+", zarr_format=2, use_consolidated=False)
     g.attrs.put({**attrs, "normalized": settings})
     zarr.consolidate_metadata(str(store), zarr_format=2)
     return True

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,7 @@ class StageContext:
     def _cube_attrs(self) -> dict[str, Any]:
         import zarr
 
-        a = zarr.open_group(str(self.cube_path), mode="r", zarr_format=2).attrs
+        a = zarr.open_group(str(self.cube_path), mode="r", zarr_format=2, use_consolidated=False).attrs
         return {"source_tag": a.get("source_tag"), "normalized": a.get("normalized")}
 
     def reference(self) -> tuple[str, str]:
@@ -174,7 +175,14 @@ class StageContext:
                         outlier_ratio=c.reference.outlier_chi2_ratio)
         self.keys["emulator"] = key
         if is_current(self.emulator_path, key):
-            return "reused", self._emulator_detail()
+            from .emulator import load_emulator as _load
+            from .errors import ArtifactError
+
+            try:  # reuse only an artifact that still matches its recorded hash and shapes
+                _load(self.emulator_path, expected_hash=(read_record(self.emulator_path) or {}).get("hash"))
+                return "reused", self._emulator_detail()
+            except ArtifactError as exc:
+                log.warning("the saved emulator fails its checks (%s); training it again", exc)
         ref = ReferenceSet.load(self.reference_path)
         trained = train_reference_emulator(ref, train_config=c.emulator, fit_config=c.fit,
                                            outlier_chi2_ratio=c.reference.outlier_chi2_ratio, progress=self.progress)
@@ -222,9 +230,10 @@ class StageContext:
         """Fit every visit on Dask; the per-visit results go to fit/fits.parquet."""
         from .emulator import load_emulator
         from .fit import STATUS, fit_cube
-        from .io.atomic import atomic_dir
+        from .io.atomic import atomic_path
         from .io.cube import open_cube
         from .io.gaia_xmatch import read_gaia_xmatch
+        from .progress import compute
         from .starts import photometric_starts
 
         c = self.cfg
@@ -234,7 +243,8 @@ class StageContext:
         if is_current(self.fits_path, key):
             return "reused", self._fit_detail()
         emu_path = self.emulator_in_use()
-        emu = load_emulator(emu_path)
+        recorded = (read_record(emu_path) or {}).get("hash") if self.cfg.inputs.emulator is None else None
+        emu = load_emulator(emu_path, expected_hash=recorded)
         cube = open_cube(self.cube_path)
         gaia = read_gaia_xmatch(c.inputs.gaia_xmatch) if c.inputs.gaia_xmatch else None
         starts = photometric_starts(gaia, cube["mangaid"].values.astype(str), emu.label_names)
@@ -242,17 +252,14 @@ class StageContext:
         parts = self.fits_path.parent / f".blocks-{key}"
         ddf = fit_cube(cube, emu_path, config=c.fit, starts=starts, emulator_hash=emu.content_hash(),
                        parts_dir=parts)
-        from .progress import compute
-
-        with atomic_dir(self.fits_path) as tmp:
-            compute(ddf.to_parquet(str(tmp), write_index=False, compute=False), enabled=self.progress)
-        import pandas as pd
-
-        import shutil
-
+        # ~30 numbers per visit: the table itself is small, the work was in the blocks
+        df = compute(ddf, enabled=self.progress).reset_index(drop=True)
+        df.insert(0, "VISIT_INDEX", np.arange(len(df), dtype=np.int64))
+        with atomic_path(self.fits_path) as tmp:
+            df.to_parquet(tmp, index=False)
         for old in self.fits_path.parent.glob(".blocks-*"):
             shutil.rmtree(old, ignore_errors=True)  # the product is complete: checkpoints go
-        st = pd.read_parquet(self.fits_path, columns=["STATUS"])["STATUS"].to_numpy()
+        st = df["STATUS"].to_numpy()
         counts = {name: int((st == code).sum()) for name, code in STATUS.items()}
         record(self.fits_path, key, n=int(len(st)), status=counts, emulator=emu.content_hash())
         return "ran", self._fit_detail()
@@ -338,7 +345,7 @@ class StageContext:
         if is_current(self.vac_parquet_path, key) and self.vac_fits_path.exists():
             return "reused", self._catalog_detail()
         emu = load_emulator(self.emulator_in_use())
-        fits = pd.read_parquet(self.fits_path)
+        fits = pd.read_parquet(self.fits_path).sort_values("VISIT_INDEX").reset_index(drop=True)
         visits = visit_table(open_cube(self.cube_path))
         vac, report = assemble_catalog(fits, visits, emu.label_names,
                                        training_range=training_range_from_emulator(emu, emu.label_names),

@@ -53,11 +53,16 @@ def test_training_is_reproducible_and_ignores_masked_pixels():
     ivar = np.full_like(flux, 1e4)
     ivar[:, :100] = 0
     flux[:, :100] = 1e6  # garbage where ivar = 0 must not matter
-    cfg = TrainConfig(hidden=16, max_epochs=15, patience=100, seed=7)
+    cfg = TrainConfig(hidden=16, max_epochs=15, patience=100, seed=7, edge_pixels=0)
     a = train_emulator(lab, flux, ivar, label_names=LABELS, wave=mastar_wavelength(), config=cfg, progress=False)
     b = train_emulator(lab, flux, ivar, label_names=LABELS, wave=mastar_wavelength(), config=cfg, progress=False)
     assert a.emulator.content_hash() == b.emulator.content_hash()
     assert not a.emulator.pixel_mask[:100].any() and a.emulator.pixel_mask[100:].all()
+    # with edge masking, the first and last 40 *covered* pixels are left out as well
+    e = train_emulator(lab, flux, ivar, label_names=LABELS, wave=mastar_wavelength(),
+                       config=TrainConfig(hidden=16, max_epochs=2, seed=7, edge_pixels=40), progress=False)
+    pm = e.emulator.pixel_mask
+    assert not pm[:140].any() and pm[140:-40].all() and not pm[-40:].any()
     assert np.all(np.abs(a.emulator.predict(lab[:3])[:, 100:]) < 10)
     assert set(a.split) == {"train", "test", "validation"}
 

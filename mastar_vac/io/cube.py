@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Mapping
@@ -27,9 +28,14 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from ..errors import ArtifactError
+from ..errors import ArtifactError, OutputError
+
+# Every read of the store's own state bypasses consolidated metadata (.zmetadata): it is
+# written once at the end and a killed or damaged run could have left it stale.
 
 __all__ = ["VISIT_COORDS", "CubeStore", "open_cube", "file_fingerprint"]
+
+log = logging.getLogger(__name__)
 
 # name -> (dtype, extra per-visit shape, fill)
 VISIT_COORDS: dict[str, tuple[str, tuple[int, ...], object]] = {
@@ -95,12 +101,14 @@ class CubeStore:
         tag = _source_tag(source)
         if path.exists():
             try:
-                attrs = dict(zarr.open_group(str(path), mode="r", zarr_format=2).attrs)
+                attrs = dict(zarr.open_group(str(path), mode="r", zarr_format=2, use_consolidated=False).attrs)
             except Exception:  # not a readable store: rebuild it
                 attrs = {}
             if (attrs.get("source_tag") == tag and attrs.get("nvisit") == nvisit
                     and attrs.get("chunk") == chunk and attrs.get("npix") == npix):
-                return cls(path, nvisit, npix, chunk), True
+                if _shapes_ok(path, nvisit, npix, (nvisit + chunk - 1) // chunk):
+                    return cls(path, nvisit, npix, chunk), True
+                log.warning("%s: arrays do not have their recorded shapes; rebuilding the cube", path)
             shutil.rmtree(path)
         store = cls(path, nvisit, npix, chunk)
         store._create(wave, source, tag)
@@ -136,21 +144,35 @@ class CubeStore:
 
     # -- chunk bookkeeping ------------------------------------------------
     def done_chunks(self) -> set[int]:
-        g = zarr.open_group(str(self.path), mode="r", zarr_format=2)
+        g = zarr.open_group(str(self.path), mode="r", zarr_format=2, use_consolidated=False)
         return set(np.flatnonzero(g[_PROGRESS][:]).tolist())
 
     def write_chunk(self, i: int, arrays: Mapping[str, np.ndarray]) -> None:
         """Write every variable of chunk ``i`` and then mark it done."""
-        g = zarr.open_group(str(self.path), mode="r+", zarr_format=2)
         sl = self.chunk_slice(i)
-        for name, values in arrays.items():
-            g[name][sl] = values
-        g[_PROGRESS][i] = 1  # one tiny chunk file per data chunk: written last
+        try:
+            g = zarr.open_group(str(self.path), mode="r+", zarr_format=2, use_consolidated=False)
+            for name, values in arrays.items():
+                g[name][sl] = values
+            g[_PROGRESS][i] = 1  # one tiny chunk file per data chunk: written last
+        except OSError as exc:
+            raise OutputError(f"{self.path}: cannot write chunk {i} of the cube ({exc.strerror or exc}); "
+                              "the chunks written so far are kept and a rerun resumes") from exc
 
     def finalize(self, **attrs: object) -> None:
-        g = zarr.open_group(str(self.path), mode="r+", zarr_format=2)
+        g = zarr.open_group(str(self.path), mode="r+", zarr_format=2, use_consolidated=False)
         g.attrs.update({"complete": True, **attrs})
         zarr.consolidate_metadata(str(self.path), zarr_format=2)
+
+
+def _shapes_ok(path: Path, nvisit: int, npix: int, nchunks: int) -> bool:
+    try:
+        g = zarr.open_group(str(path), mode="r", zarr_format=2, use_consolidated=False)
+        ok = all(g[name].shape == (nvisit, npix) for name in SPECTRAL_VARS)
+        ok &= all(g[name].shape[0] == nvisit for name in VISIT_COORDS)
+        return bool(ok and g[_PROGRESS].shape == (nchunks,))
+    except Exception:  # a damaged store: rebuild it
+        return False
 
 
 def _source_tag(source: Mapping[str, object]) -> str:

@@ -1,0 +1,326 @@
+"""Reliability under faults: dying workers, killed builds, full disks, tampering, load.
+
+The heavy cases use a small demo (40 MILES stars) and a quick emulator; the same
+mechanisms carry a DR17-size run (see benchmarks/bench_load.py for the under-load
+numbers at full size).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+from mastar_vac.emulator import load_emulator, save_emulator
+from mastar_vac.errors import ArtifactError, OutputError
+from mastar_vac.fit import FitConfig, fit_cube
+
+from .toy import toy_emulator, toy_labels
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------
+# a worker dies mid-fit
+# ---------------------------------------------------------------------------
+
+
+def _toy_cube(n: int, chunk: int, seed: int = 0) -> xr.Dataset:
+    emu = toy_emulator()
+    rng = np.random.default_rng(seed)
+    lab = toy_labels(n, seed=seed)
+    lab[:, 0] = np.clip(lab[:, 0], 4500, 8500)
+    f = emu.predict(lab) + rng.normal(0, 0.02, (n, emu.n_pixels))
+    iv = np.full(f.shape, 2500.0, np.float32)
+    return xr.Dataset(
+        {"norm_flux": (("visit", "wave"), f.astype(np.float32)), "norm_ivar": (("visit", "wave"), iv)},
+        coords={"mangaid": ("visit", np.array([f"7-{i}" for i in range(n)])), "plate": ("visit", np.full(n, 9000)),
+                "ifudesign": ("visit", np.array(["3701"] * n)), "mjd": ("visit", 57000 + np.arange(n))},
+    ).chunk({"visit": chunk})
+
+
+def _fit_on_cluster(cube: xr.Dataset, emu_path: Path, parts: Path | None, kill: bool) -> tuple[pd.DataFrame, int]:
+    """Fit on a 2-worker LocalCluster (torch: 1 thread per worker, as the build sets it);
+    with ``kill``, SIGKILL one worker once a few blocks are done."""
+    from distributed import Client, LocalCluster
+
+    from mastar_vac.cluster import TorchThreads
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      env={"OMP_NUM_THREADS": "1"}) as cluster, Client(cluster) as client:
+        client.register_plugin(TorchThreads(1))
+        fut = client.compute(fit_cube(cube, emu_path, config=FitConfig(), parts_dir=parts))
+        n_before = -1
+        if kill:
+            assert parts is not None
+            deadline = time.time() + 120
+            while len(list(parts.glob("block-*.npy"))) < 3 and time.time() < deadline:
+                time.sleep(0.05)
+            n_before = len(list(parts.glob("block-*.npy")))
+            victim = next(iter(client.run(os.getpid).values()))
+            os.kill(victim, signal.SIGKILL)  # a worker dies with blocks in flight
+        return fut.result(timeout=300), n_before
+
+
+def test_worker_killed_mid_fit_run_completes_with_the_same_catalogue(tmp_path):
+    emu_path = save_emulator(toy_emulator(), tmp_path / "emu")
+    cube = _toy_cube(240, 8)
+    # float32 GEMMs sum in a thread-count-dependent order, so "the same catalogue" means:
+    # the same as an undisturbed run with the same worker set-up
+    reference, _ = _fit_on_cluster(cube, emu_path, None, kill=False)
+    df, n_before = _fit_on_cluster(cube, emu_path, tmp_path / "parts", kill=True)
+    assert 3 <= n_before < 30, "the kill must land mid-fit"
+    assert len(df) == 240 and df["MANGAID"].is_unique
+    pd.testing.assert_frame_equal(df.reset_index(drop=True), reference.reset_index(drop=True))
+
+
+# ---------------------------------------------------------------------------
+# the whole build is killed (SIGKILL) and run again
+# ---------------------------------------------------------------------------
+
+
+def _config(tmp: Path, out: str) -> Path:
+    text = (ROOT / "pipelines" / "demo.toml").read_text()
+    text = text.replace("demo = true", "demo = true\ndemo_stars = 40")
+    text = text.replace("chunk = 512", "chunk = 4")  # many small chunks/blocks: something to resume
+    text = text.replace('dir = "output/demo"', f'dir = "{tmp / out}"')
+    text = text.replace("hidden = 256", "hidden = 32\nmax_epochs = 300\npatience = 300")
+    p = tmp / f"{out}.toml"
+    p.write_text(text)
+    return p
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    return dict(os.environ, MASTAR_VAC_CACHE=str(tmp / "cache"), MASTAR_VAC_PROGRESS="0", PYTHONUNBUFFERED="1")
+
+
+def _build(cfg: Path, tmp: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mastar_vac.build", "--config", str(cfg)], cwd=tmp,
+                          env=_env(tmp), capture_output=True, text=True, timeout=900)
+
+
+def _build_killed_at(cfg: Path, tmp: Path, marker: str, delay: float) -> str:
+    """Start a build, SIGKILL its whole process group ``delay`` s after ``marker`` is logged."""
+    proc = subprocess.Popen([sys.executable, "-m", "mastar_vac.build", "--config", str(cfg)], cwd=tmp,
+                            env=_env(tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    seen: list[str] = []
+    hit = threading.Event()
+
+    def reader() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            seen.append(line)
+            if marker in line:
+                hit.set()
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    assert hit.wait(600), "".join(seen[-30:])
+    time.sleep(delay)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(60)
+    t.join(10)
+    return "".join(seen)
+
+
+def _cube_complete(store: Path) -> bool:
+    import zarr
+
+    try:
+        return bool(zarr.open_group(str(store), mode="r", zarr_format=2).attrs.get("complete"))
+    except Exception:
+        return False
+
+
+def _catalogue(out: Path) -> pd.DataFrame:
+    from mastar_vac.io.vac import read_vac_parquet
+
+    return read_vac_parquet(out / "catalog" / "mastar_vac_params.parquet").sort_values(
+        ["MANGAID", "PLATE", "IFUDESIGN", "MJD"]).reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("kill")
+    proc = _build(_config(tmp, "clean"), tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp, _catalogue(tmp / "clean")
+
+
+@pytest.mark.parametrize("stage, marker, delay", [
+    ("ingest", "stage ingest ...", 0.3),
+    ("training", "stage emulator ...", 1.5),
+    ("fitting", "stage fit ...", 1.0),
+])
+def test_killed_build_resumes_to_the_same_catalogue(uninterrupted, stage, marker, delay):
+    tmp, clean = uninterrupted
+    out = f"killed-{stage}"
+    cfg = _config(tmp, out)
+    log = _build_killed_at(cfg, tmp, marker, delay)
+    assert "stage report ran" not in log  # it really died before the end
+    assert not (tmp / out / "catalog" / "mastar_vac_params.parquet").exists()
+    cube_done = _cube_complete(tmp / out / "cube.zarr")
+    n_blocks = len(list((tmp / out / "fit").glob(".blocks-*/block-*.npy")))
+    again = _build(cfg, tmp)
+    assert again.returncode == 0, again.stderr[-3000:]
+    text = again.stdout + again.stderr
+    if stage == "ingest":
+        assert not cube_done, "the kill must land inside the ingest"
+        assert "resuming ingest" in text
+    if stage == "fitting":
+        assert n_blocks > 0, "the kill must land after some blocks were fitted"
+    if stage in ("training", "fitting"):
+        for reused in ("ingest", "normalize", "reference"):
+            line = next(ln for ln in again.stdout.splitlines() if ln.startswith(reused))
+            assert "reused" in line, line
+    resumed = _catalogue(tmp / out)
+    pd.testing.assert_frame_equal(resumed, clean)
+    leftovers = [p for p in (tmp / out).rglob(".*.part-*")]
+    assert leftovers == []
+
+
+# ---------------------------------------------------------------------------
+# atomic outputs and a full disk
+# ---------------------------------------------------------------------------
+
+
+def test_full_disk_while_writing_the_vac_leaves_no_catalogue(tmp_path, monkeypatch):
+    from mastar_vac.io import fitstable
+    from mastar_vac.io.vac import write_vac_fits
+
+    df = pd.DataFrame({"MANGAID": ["7-1", "7-2"], "PLATE": [1, 2], "IFUDESIGN": ["3701", "3702"], "MJD": [5, 6],
+                       "VALID": [1, 1], "FLAG": [0, 0], "NPIX": [10, 10], "N_ITER": [3, 3], "FIT_STATUS": [0, 0]})
+    target = tmp_path / "vac.fits"
+    write_vac_fits(target, df, provenance={}, flag_bits=[], fitted_labels=["TEFF"])
+    before = target.read_bytes()
+
+    class FullDisk:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def write(self, b):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, k):
+            return getattr(self.fh, k)
+
+    real_init = fitstable._TableStream.__init__
+
+    def init(self, fh, *a, **k):
+        real_init(self, FullDisk(fh), *a, **k)
+
+    monkeypatch.setattr(fitstable._TableStream, "__init__", init)
+    with pytest.raises(OutputError, match="No space left on device"):
+        write_vac_fits(target, df, provenance={}, flag_bits=[], fitted_labels=["TEFF"])
+    assert target.read_bytes() == before  # the old catalogue is untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["vac.fits"]  # no partial file left
+
+
+def test_full_disk_during_ingest_is_a_clear_error(tmp_path, monkeypatch):
+    from mastar_vac.ingest import ingest_spectra
+    from mastar_vac.io.goodspec import write_goodspec
+
+    from .conftest import make_visits
+
+    gs = write_goodspec(tmp_path / "gs.fits", make_visits(6))
+    import zarr
+
+    real = zarr.Array.__setitem__
+
+    def full(self, key, value):
+        if self.path.endswith("flux"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, key, value)
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", full)
+    with pytest.raises(OutputError, match="cube.zarr: cannot write chunk 0.*No space left"):
+        ingest_spectra(gs, tmp_path / "cube.zarr", chunk=3)
+
+
+def test_build_on_a_small_filesystem_stops_cleanly(tmp_path):
+    """A real full disk: a 6 MB tmpfs (needs root; skipped where mount is refused)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        cfg = _config(tmp_path, "o")
+        cfg.write_text(cfg.read_text().replace(f'dir = "{tmp_path / "o"}"', f'dir = "{mnt / "o"}"'))
+        proc = _build(cfg, tmp_path)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        last = [ln for ln in proc.stderr.splitlines() if "mastar_vac.build" in ln][-1]
+        assert "ERROR" in last and ("No space left on device" in last or "space" in last.lower()), last
+        assert not (mnt / "o" / "catalog" / "mastar_vac_params.fits").exists()
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+# ---------------------------------------------------------------------------
+# integrity on reuse
+# ---------------------------------------------------------------------------
+
+
+def test_tampered_emulator_is_not_reused(tmp_path):
+    import dataclasses
+
+    emu = toy_emulator()
+    d = save_emulator(emu, tmp_path / "emu")
+    weights = {k: v.copy() for k, v in emu.weights.items()}
+    weights["b2"] = weights["b2"] + 1e-3  # a different, internally consistent model
+    save_emulator(dataclasses.replace(emu, weights=weights), d)
+    with pytest.raises(ArtifactError, match="not the expected"):
+        load_emulator(d, expected_hash=emu.content_hash())
+
+
+def test_cube_with_wrong_shapes_is_rebuilt(tmp_path):
+    import zarr
+
+    from mastar_vac.ingest import ingest_spectra
+    from mastar_vac.io.cube import open_cube
+    from mastar_vac.io.goodspec import write_goodspec
+
+    from .conftest import make_visits
+
+    v = make_visits(6)
+    gs = write_goodspec(tmp_path / "gs.fits", v)
+    store = tmp_path / "c.zarr"
+    ingest_spectra(gs, store, chunk=3)
+    g = zarr.open_group(str(store), mode="r+", zarr_format=2)
+    g["ivar"].resize((5, 4563))  # damage: an array no longer matches its record
+    s = ingest_spectra(gs, store, chunk=3)
+    assert not s.resumed and s.chunks_written == 2
+    np.testing.assert_array_equal(open_cube(store).ivar.values, v["IVAR"])
+
+
+# ---------------------------------------------------------------------------
+# under load: more workers than cores
+# ---------------------------------------------------------------------------
+
+
+def test_four_workers_on_two_cores_complete_and_report_memory(tmp_path):
+    from distributed import Client, LocalCluster
+
+    from mastar_vac.cluster import WorkerMemoryMonitor
+
+    emu_path = save_emulator(toy_emulator(), tmp_path / "emu")
+    cube = _toy_cube(320, 16, seed=3)
+    with LocalCluster(n_workers=4, threads_per_worker=1, processes=True, memory_limit="1GiB",
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        with WorkerMemoryMonitor(client, interval=0.1) as mon:
+            df = client.compute(fit_cube(cube, emu_path, config=FitConfig())).result(timeout=600)
+        restarts = sum(1 for _ in client.scheduler_info()["workers"]) - 4
+    assert len(df) == 320 and (df["STATUS"] == 0).mean() > 0.95
+    assert len(mon.peaks) == 4 and restarts == 0
+    print("peak RSS per worker (GB):", {k.rsplit(":", 1)[-1]: round(v, 2) for k, v in mon.peaks.items()})
+    assert max(mon.peaks.values()) < 1.0  # under the 1 GiB limit: no worker was paused or killed
