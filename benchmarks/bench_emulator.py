@@ -25,9 +25,12 @@ machine: wall time, epochs, time per epoch, and whether early stopping ended it.
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # before distributed is imported
+
 import argparse
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -129,6 +132,7 @@ def main() -> None:
     ap.add_argument("--skip-accuracy", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     os.environ.setdefault("MASTAR_VAC_PROGRESS", "0")
     if not args.skip_accuracy:
         accuracy(args.demo_output)

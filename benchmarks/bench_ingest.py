@@ -14,9 +14,12 @@ peak RSS ≤ 4 GB and not growing with the number of spectra.
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # before distributed is imported
+
 import argparse
 import logging
-import os
 import shutil
 import tempfile
 import threading
@@ -136,6 +139,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help="scratch directory (needs ~8 GB for 59k)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     os.environ.setdefault("MASTAR_VAC_PROGRESS", "0")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_ingest_"))
     workdir.mkdir(parents=True, exist_ok=True)

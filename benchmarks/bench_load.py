@@ -7,15 +7,18 @@ Builds a DR17-size normalized cube of synthetic spectra (59,266 × 4,563 pixels,
 from a DR17-size 5-label emulator with noise at S/N 50), then fits every spectrum with
 ``fit_cube`` on a LocalCluster of ``--workers`` single-threaded workers on this machine.
 Prints the wall time of the fit, spectra per second, and the peak resident memory of
-every worker (``ru_maxrss`` of each worker process) and of this process. Workers must
+every worker (its RSS sampled every 0.5 s) and of this process. Workers must
 not run out of memory: each holds one chunk of spectra plus the emulator.
 """
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # before distributed is imported
+
 import argparse
 import logging
-import os
 import resource
 import shutil
 import tempfile
@@ -63,9 +66,11 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     os.environ.setdefault("MASTAR_VAC_PROGRESS", "0")
     from distributed import Client, LocalCluster
 
+    from mastar_vac.cluster import WorkerMemoryMonitor
     from mastar_vac.emulator import save_emulator
     from mastar_vac.fit import FitConfig, fit_cube
 
@@ -83,9 +88,10 @@ def main() -> None:
                           env={"OMP_NUM_THREADS": "1"}) as cluster, Client(cluster) as client:
             client.run(lambda: __import__("torch").set_num_threads(1))
             t0 = time.perf_counter()
-            df = client.compute(fit_cube(cube, emu_path, config=FitConfig())).result()
+            with WorkerMemoryMonitor(client, interval=0.5) as mon:
+                df = client.compute(fit_cube(cube, emu_path, config=FitConfig())).result()
             dt = time.perf_counter() - t0
-            peaks = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2)
+            peaks = mon.peaks
         ok = float((df["STATUS"] == 0).mean())
         print(f"fit: {len(df)} spectra with {args.workers} workers × 1 thread on {os.cpu_count()} cores in "
               f"{dt / 60:.1f} min ({len(df) / dt:.0f} spectra/s); converged {100 * ok:.1f}%; "

@@ -288,7 +288,7 @@ class TrainConfig:
     error_floor: float = 0.01  # σ added in quadrature to the pixel errors in the loss weights
     # pixels at each end of the covered range left out of training and fitting: the
     # running-median continuum is one-sided there and the emulator is worst (DESIGN.md)
-    edge_pixels: int = 100
+    edge_pixels: int = 200
     test_fraction: float = 0.1
     validation_fraction: float = 0.1
     seed: int = 20221

@@ -80,3 +80,38 @@ def test_missing_input_file_exits_with_its_name(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "nope.fits.gz: file not found" in proc.stderr
+
+
+def test_build_with_a_synthetic_grid_adds_the_theoretical_extension(tmp_path):
+    """Paper §2.4 end to end: a FERRE grid in [inputs] adds synthetic Teff > 6000 K spectra."""
+    import numpy as np
+
+    from mastar_vac.io.ferre import write_ferre
+    from mastar_vac.reference import ReferenceSet
+
+    from .test_synthetic import analytic
+
+    # a 3-D grid (Teff, log g, [M/H]) of analytic spectra, log-λ in air, R = 10000
+    x0, npix = np.log10(3600.0), 4000
+    step = (np.log10(10400.0) - x0) / (npix - 1)
+    lam = 10 ** (x0 + step * np.arange(npix))
+    axes = [(6000.0, 1000.0, 7), (3.0, 0.5, 5), (-1.0, 0.5, 4)]
+    mesh = np.meshgrid(*[lo + st * np.arange(k) for lo, st, k in axes], indexing="ij")
+    flux = analytic(lam, *mesh, 0.0, 0.1).astype(np.float32)
+    grid = write_ferre(tmp_path / "f_demo", {
+        "flux": flux, "llimits": [a[0] for a in axes], "steps": [a[1] for a in axes],
+        "labels": ["TEFF", "LOGG", "METALS"],
+        "header": {"WAVE": [x0, step], "LOGW": 1, "VACUUM": 0, "RESOLUTION": 10000.0}}, binary=True)
+    cfg = _config(tmp_path)
+    text = cfg.read_text().replace("demo = true", f"demo = true\nsynthetic_grid = '{grid}'")
+    text += "\n[synthetic]\nn_spectra = 15\n"
+    cfg.write_text(text)
+    env = dict(os.environ, MASTAR_VAC_CACHE=str(tmp_path / "cache"), MASTAR_VAC_PROGRESS="0")
+    proc = subprocess.run([sys.executable, "-m", "mastar_vac.build", "--config", str(cfg)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref = ReferenceSet.load(tmp_path / "out" / "reference" / "reference_set.npz")
+    synth = ref.source == "synthetic"
+    assert synth.sum() == 15 and (~synth).sum() > 10
+    assert (ref.labels[synth, 0] > 6000).all()
+    assert np.isfinite(ref.flux[synth]).all()

@@ -25,7 +25,7 @@ from mastar_vac.emulator import load_emulator, save_emulator
 from mastar_vac.errors import ArtifactError, OutputError
 from mastar_vac.fit import FitConfig, fit_cube
 
-from .toy import toy_emulator, toy_labels
+from .toy import toy_cube, toy_emulator, toy_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,12 +41,7 @@ def _toy_cube(n: int, chunk: int, seed: int = 0) -> xr.Dataset:
     lab = toy_labels(n, seed=seed)
     lab[:, 0] = np.clip(lab[:, 0], 4500, 8500)
     f = emu.predict(lab) + rng.normal(0, 0.02, (n, emu.n_pixels))
-    iv = np.full(f.shape, 2500.0, np.float32)
-    return xr.Dataset(
-        {"norm_flux": (("visit", "wave"), f.astype(np.float32)), "norm_ivar": (("visit", "wave"), iv)},
-        coords={"mangaid": ("visit", np.array([f"7-{i}" for i in range(n)])), "plate": ("visit", np.full(n, 9000)),
-                "ifudesign": ("visit", np.array(["3701"] * n)), "mjd": ("visit", 57000 + np.arange(n))},
-    ).chunk({"visit": chunk})
+    return toy_cube(f, np.full(f.shape, 2500.0), chunk)
 
 
 def _fit_on_cluster(cube: xr.Dataset, emu_path: Path, parts: Path | None, kill: bool) -> tuple[pd.DataFrame, int]:

