@@ -207,11 +207,10 @@ class _TorchNet:
         """χ² (B,), JᵀW(f − m) (B, L) and JᵀWJ (B, L, L) at ``x``: everything an LM step
         needs, without keeping the (B, L, P) Jacobian."""
         m, J = self.model_jac(x)
-        wr = w * (f - m)
-        chi2 = (wr * (f - m)).sum(1)
-        g = torch_bmv(J, wr)
-        Hm = (J * w[:, None, :]) @ J.transpose(1, 2)
-        return chi2, g, Hm
+        r = f - m
+        chi2 = (w * r * r).sum(1)
+        Jw = J * w[:, None, :]  # one weighted copy serves both products
+        return chi2, torch_bmv(Jw, r), Jw @ J.transpose(1, 2)
 
 
 def torch_bmv(J: Any, v: Any) -> Any:
@@ -264,6 +263,22 @@ def _lm(net: _TorchNet, x0: Any, f: Any, w: Any, lo: Any, hi: Any, cfg: FitConfi
         except RuntimeError:  # a singular system somewhere in the batch
             delta = (torch.linalg.pinv(A) @ rhs[:, :, None])[:, :, 0]
         delta = torch.nan_to_num(delta) * keep
+        # the Gauss–Newton model predicts the χ² decrease of this step; when an undamped
+        # step would gain less than the tolerance, the fit has converged: the step is
+        # taken without evaluating the trial point (that evaluation — one GEMM — is what
+        # an iteration costs). χ² is recomputed at the final labels afterwards.
+        pred = 2 * (delta * g).sum(1) - (delta[:, None, :] @ Hm @ delta[:, :, None])[:, 0, 0]
+        settled = (lam <= 1.0) & (pred < torch.clamp(cfg.chi2_rel_tol * chi2, min=cfg.chi2_abs_tol))
+        if settled.any():
+            done = rows[settled]
+            out_x[done] = torch.clamp(x[settled] + delta[settled], lo, hi)
+            out_chi2[done], out_H[done] = chi2[settled] - pred[settled], Hm[settled]
+            out_it[done], out_conv[done] = it[settled], True
+            live = ~settled
+            rows, x, chi2, g, Hm, lam, it = rows[live], x[live], chi2[live], g[live], Hm[live], lam[live], it[live]
+            f, w, delta = f[live], w[live], delta[live]
+            if rows.numel() == 0:
+                break
         xn = torch.clamp(x + delta, lo, hi)
         cn, gn, Hn = net.normal_equations(xn, f, w)
         ok = torch.isfinite(cn) & (cn < chi2)
@@ -381,6 +396,7 @@ def fit_spectra(emu: Emulator, flux: NDArray, ivar: NDArray, *, config: FitConfi
     best_k = np.zeros(n, np.int64)
     n_iter = np.zeros(n, np.int64)
     conv = np.zeros(n, bool)
+    best_H = np.full((n, L, L), np.nan)
     idx_fit = np.flatnonzero(fittable)
     lo_t = torch.as_tensor(lo_s, dtype=dtype, device=config.device)
     hi_t = torch.as_tensor(hi_s, dtype=dtype, device=config.device)
@@ -395,32 +411,33 @@ def fit_spectra(emu: Emulator, flux: NDArray, ivar: NDArray, *, config: FitConfi
             log.warning("batch of %d spectra failed (%s); fitting them one by one", len(ib), exc)
             out = None
         if out is not None:
-            xb, cb, kb, itb, cvb, _ = out
-            best_x[ib], best_chi2[ib], best_k[ib], n_iter[ib], conv[ib] = xb, cb, kb, itb, cvb
+            xb, cb, kb, itb, cvb, Hb = out
+            best_x[ib], best_chi2[ib], best_k[ib], n_iter[ib], conv[ib], best_H[ib] = xb, cb, kb, itb, cvb, Hb
             continue
         for i in ib:
             try:
-                xb, cb, kb, itb, cvb, _ = _fit_batch(net, emu, fluxc[i:i + 1][:, net.pixels],
-                                                     w[i:i + 1][:, net.pixels], S[i:i + 1], lo_t, hi_t, config, dtype)
+                xb, cb, kb, itb, cvb, Hb = _fit_batch(net, emu, fluxc[i:i + 1][:, net.pixels],
+                                                      w[i:i + 1][:, net.pixels], S[i:i + 1], lo_t, hi_t, config, dtype)
                 best_x[i], best_chi2[i], best_k[i], n_iter[i], conv[i] = xb[0], cb[0], kb[0], itb[0], cvb[0]
+                best_H[i] = Hb[0]
             except Exception as exc:  # noqa: BLE001
                 status[i] = STATUS["ERROR"]
                 messages[int(i)] = f"{type(exc).__name__}: {exc}"
                 log.warning("spectrum %d: fit failed: %s", i, messages[int(i)])
 
-    # covariance from JᵀWJ at the solution, evaluated once more in float64: the Fisher
-    # matrix of correlated labels is ill-conditioned and float32 sums would show in it
+    # covariance: the inverse of JᵀWJ from the last LM evaluation (in scaled labels the
+    # matrix is well conditioned, ~1e3, and float32 sums give the errors to ~1e-5), carried
+    # to physical units; χ² is recomputed at the final labels with the model alone (the
+    # last LM step may have been taken on the Gauss–Newton prediction)
     cov = np.full((n, L, L), np.nan)
     ok = fittable & (status == 0) & np.isfinite(best_chi2)
     rows = np.flatnonzero(ok)
-    net64 = _net_for(emu, "cpu", "float64")
-    for s0 in range(0, len(rows), 256):
-        r_ = rows[s0:s0 + 256]
+    for s0 in range(0, len(rows), 1024):
+        r_ = rows[s0:s0 + 1024]
         with torch.no_grad():
-            _, _, F = net64.normal_equations(torch.as_tensor(best_x[r_], dtype=torch.float64),
-                                             torch.as_tensor(fluxc[r_][:, net64.pixels], dtype=torch.float64),
-                                             torch.as_tensor(w[r_][:, net64.pixels], dtype=torch.float64))
-        F = F.numpy()
+            m = net.model(torch.as_tensor(best_x[r_], dtype=dtype, device=config.device)).double().cpu().numpy()
+        best_chi2[r_] = (w[r_][:, net.pixels] * (fluxc[r_][:, net.pixels] - m) ** 2).sum(1)
+        F = best_H[r_]
         try:
             cs = np.linalg.inv(F)
         except np.linalg.LinAlgError:  # a singular Fisher matrix somewhere in the block

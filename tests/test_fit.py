@@ -71,7 +71,8 @@ def test_unfittable_spectra_are_flagged_and_do_not_disturb_the_others():
     for i in (1, 2, 3):
         assert np.isnan(res.labels[i]).all() and np.isnan(res.model[i]).all()
     for i in (0, 4, 5):
-        np.testing.assert_allclose(res.labels[i], ref.labels[i], rtol=1e-6)
+        # the same fit; the batch holds other spectra, so float32 sums run in another order
+        assert np.all(np.abs(res.labels[i] - ref.labels[i]) < 0.01 * ref.errors[i])
         assert res.status[i] == STATUS["OK"]
         assert np.nanmax(np.abs(res.model[i] - emu.predict(res.labels[i]))) < 1e-4
 
