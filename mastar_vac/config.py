@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
-import hashlib
-import json
 import os
 import tomllib
 import types
@@ -43,7 +41,6 @@ __all__ = [
     "QualityConfig",
     "load_config",
     "default_config_path",
-    "config_hash",
 ]
 
 
@@ -135,13 +132,6 @@ class Config:
         d = conv(self)
         d.pop("source", None)
         return d
-
-
-def config_hash(section: Any) -> str:
-    """Short stable hash of a config section (or any JSON-able value): cache keys."""
-    if dataclasses.is_dataclass(section):
-        section = Config.to_dict(section) if isinstance(section, Config) else dataclasses.asdict(section)
-    return hashlib.sha256(json.dumps(section, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def default_config_path() -> Path:

@@ -21,7 +21,6 @@ spectra are fitted at once as tensors:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
@@ -382,7 +381,7 @@ def fit_spectra(emu: Emulator, flux: NDArray, ivar: NDArray, *, config: FitConfi
     K = S.shape[1]
     if K == 0:
         raise ValueError("no starting points: give starts or set n_grid_starts ≥ 1")
-    # a missing (NaN) start is replaced by the first grid start so shapes stay rectangular
+    # a missing (NaN) start is replaced by a grid start so shapes stay rectangular
     fallback = S[:, -1:, :] if config.n_grid_starts > 0 else np.nanmedian(glabels, 0)[None, None, :]
     S = np.where(np.isfinite(S), S, fallback)
 
@@ -402,24 +401,23 @@ def fit_spectra(emu: Emulator, flux: NDArray, ivar: NDArray, *, config: FitConfi
     hi_t = torch.as_tensor(hi_s, dtype=dtype, device=config.device)
     per_batch = max(1, config.batch_size // K)
     messages: dict[int, str] = {}
+    # the fit sees only the modelled pixels: cut them out once
+    fluxp, wp = fluxc[:, net.pixels], w[:, net.pixels]
+
+    def run(idx: NDArray[np.int64]) -> None:
+        xb, cb, kb, itb, cvb, Hb = _fit_batch(net, emu, fluxp[idx], wp[idx], S[idx], lo_t, hi_t, config, dtype)
+        best_x[idx], best_chi2[idx], best_k[idx], n_iter[idx], conv[idx], best_H[idx] = xb, cb, kb, itb, cvb, Hb
+
     for b0 in range(0, len(idx_fit), per_batch):
         ib = idx_fit[b0:b0 + per_batch]
         try:
-            out = _fit_batch(net, emu, fluxc[ib][:, net.pixels], w[ib][:, net.pixels], S[ib], lo_t, hi_t, config,
-                             dtype)
+            run(ib)
+            continue
         except Exception as exc:  # noqa: BLE001 - isolate the spectrum that breaks the batch
             log.warning("batch of %d spectra failed (%s); fitting them one by one", len(ib), exc)
-            out = None
-        if out is not None:
-            xb, cb, kb, itb, cvb, Hb = out
-            best_x[ib], best_chi2[ib], best_k[ib], n_iter[ib], conv[ib], best_H[ib] = xb, cb, kb, itb, cvb, Hb
-            continue
         for i in ib:
             try:
-                xb, cb, kb, itb, cvb, Hb = _fit_batch(net, emu, fluxc[i:i + 1][:, net.pixels],
-                                                      w[i:i + 1][:, net.pixels], S[i:i + 1], lo_t, hi_t, config, dtype)
-                best_x[i], best_chi2[i], best_k[i], n_iter[i], conv[i] = xb[0], cb[0], kb[0], itb[0], cvb[0]
-                best_H[i] = Hb[0]
+                run(np.array([i]))
             except Exception as exc:  # noqa: BLE001
                 status[i] = STATUS["ERROR"]
                 messages[int(i)] = f"{type(exc).__name__}: {exc}"
@@ -436,7 +434,7 @@ def fit_spectra(emu: Emulator, flux: NDArray, ivar: NDArray, *, config: FitConfi
         r_ = rows[s0:s0 + 1024]
         with torch.no_grad():
             m = net.model(torch.as_tensor(best_x[r_], dtype=dtype, device=config.device)).double().cpu().numpy()
-        best_chi2[r_] = (w[r_][:, net.pixels] * (fluxc[r_][:, net.pixels] - m) ** 2).sum(1)
+        best_chi2[r_] = (wp[r_] * (fluxp[r_] - m) ** 2).sum(1)
         F = best_H[r_]
         try:
             cs = np.linalg.inv(F)
@@ -633,7 +631,3 @@ def fit_cube(cube, emulator: Any, *, config: FitConfig = FitConfig(),  # noqa: A
     kdf = dd.concat([dd.from_dask_array(v.rechunk(nf.chunks[0]), columns=k) for k, v in keys.items()], axis=1)
     return dd.concat([kdf, ddf], axis=1)
 
-
-def config_from_dict(d: Mapping[str, Any]) -> FitConfig:
-    known = {f.name for f in dataclasses.fields(FitConfig)}
-    return FitConfig(**{k: v for k, v in d.items() if k in known})

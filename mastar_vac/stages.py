@@ -27,8 +27,8 @@ __all__ = ["StageContext"]
 
 log = logging.getLogger(__name__)
 
-ALLSTAR_BASE_COLUMNS = ("APOGEE_ID", "RA", "DEC", "SNR", "VSCATTER", "ASPCAPFLAG", "STARFLAG", "EXTRATARG",
-                        "GAIAEDR3_SOURCE_ID")
+ALLSTAR_BASE_COLUMNS = ("APOGEE_ID", "RA", "DEC", "ASPCAPFLAG", "STARFLAG", "EXTRATARG", "GAIAEDR3_SOURCE_ID")
+ALLSTAR_OPTIONAL_COLUMNS = ("SNR", "VSCATTER")  # used by the duplicate and binary cuts when present
 
 
 @dataclass
@@ -132,8 +132,7 @@ class StageContext:
             return "reused", self._reference_detail()
         cube = open_cube(self.cube_path)
         cols = list(dict.fromkeys([*ALLSTAR_BASE_COLUMNS, *allstar_columns_for(c.emulator.labels)]))
-        allstar = read_allstar(c.inputs.allstar, [col for col in cols if col not in ("VSCATTER", "SNR")] +
-                               _optional_columns(c.inputs.allstar, ("VSCATTER", "SNR")))
+        allstar = read_allstar(c.inputs.allstar, cols, optional=ALLSTAR_OPTIONAL_COLUMNS)
         gaia = read_gaia_xmatch(c.inputs.gaia_xmatch) if c.inputs.gaia_xmatch else None
         try:
             ref = build_reference_set(cube, allstar, gaia, c.emulator.labels, c.reference)
@@ -518,9 +517,3 @@ def _json_default(o: Any) -> Any:
         return str(o)
     return str(o)
 
-
-def _optional_columns(path: Path, names: tuple[str, ...]) -> list[str]:
-    from .io.fitstable import BinTableReader
-
-    with BinTableReader(path, 1) as r:
-        return [n for n in names if n in r.names]

@@ -31,16 +31,18 @@ _STRING_COLUMNS = {"APOGEE_ID", "TELESCOPE", "FIELD", "SURVEY", "ASPCAPFLAGS", "
 
 
 def read_allstar(path: str | os.PathLike[str], columns: Sequence[str] = DEFAULT_ALLSTAR_COLUMNS, *,
-                 hdu: int | str = 1, rows_per_block: int = 20000) -> pd.DataFrame:
+                 optional: Sequence[str] = (), hdu: int | str = 1, rows_per_block: int = 20000) -> pd.DataFrame:
     """The named allStar columns as a DataFrame (float sentinels → NaN).
 
     Columns of ALLSTAR.required must exist; any other requested column that the file
     lacks is an error too, naming it (a label the user asked for cannot be skipped).
+    Columns in ``optional`` are read when the file has them and left out otherwise.
     """
     path = Path(path)
     with BinTableReader(path, hdu) as r:
         for req in ALLSTAR.required:
             resolve_column(r, req)
+        columns = list(dict.fromkeys([*columns, *(c for c in optional if c in r.names)]))
         missing = [c for c in columns if c not in r.names]
         if missing:
             raise InputFileError(path, "requested column(s) missing", hdu=hdu, column=",".join(missing),
