@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--demo-output", type=Path, default=Path("output/demo"))
     ap.add_argument("--config", type=Path, default=None, help="the build's configuration (default demo.toml)")
+    ap.add_argument("--save", type=Path, default=None, help="write every held-out star's fit to this CSV")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("MASTAR_VAC_PROGRESS", "0")
@@ -83,6 +84,14 @@ def main() -> None:
               f"{table['Teff > 6000 K']['TEFF']['mad']:.0f} K (> 6000 K)  [{time.perf_counter() - t0:.0f} s]",
               flush=True)
     table = label_residuals(fitted[emp], ref.labels[emp], ref.label_names)
+    if args.save is not None:
+        import pandas as pd
+
+        out = pd.DataFrame({"id": ref.ids[emp]})
+        for j, name in enumerate(ref.label_names):
+            out[f"REF_{name}"] = ref.labels[emp, j]
+            out[f"FIT_{name}"] = fitted[emp, j]
+        out.to_csv(args.save, index=False)
     print()
     print(format_table1(table, ref.label_names, f"{args.folds}-fold cross-validation, every one of {len(emp)} "
                         f"reference stars held out once, co-adds at S/N 50"))

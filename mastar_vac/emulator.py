@@ -37,6 +37,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "train_emulator",
+    "measure_pixel_error",
     "save_emulator",
     "load_emulator",
     "export_payne_npz",
@@ -90,6 +91,12 @@ class Emulator:
     # 3,000–40,000 K: linear min–max scaling would squeeze every cool star into a few
     # per cent of the input range, where the spectrum changes fastest.
     log_labels: tuple[str, ...] = ()
+    # The emulator's own error per pixel, measured on the test stars (never trained on):
+    # row 0 over all of them, row b+1 over those in Teff bin b of ``pixel_error_edges``
+    # (interior bin edges in K). The fit adds it to the noise (FitConfig.emulator_error),
+    # so pixels the network cannot reproduce for such a star weigh less.
+    pixel_error: NDArray[np.float32] | None = None
+    pixel_error_edges: NDArray[np.float64] | None = None
 
     def __post_init__(self) -> None:
         self.x_min = np.asarray(self.x_min, np.float64)
@@ -99,6 +106,10 @@ class Emulator:
         if self.pixel_mask is None:
             self.pixel_mask = np.ones(len(self.wave), bool)
         self.pixel_mask = np.asarray(self.pixel_mask, bool)
+        if self.pixel_error is not None:
+            self.pixel_error = np.asarray(self.pixel_error, np.float32)
+            self.pixel_error_edges = np.asarray(
+                self.pixel_error_edges if self.pixel_error_edges is not None else [], np.float64)
         self.validate()
         self._cache: dict[Any, Any] = {}
 
@@ -139,6 +150,16 @@ class Emulator:
             raise ArtifactError(f"unknown activation {self.activation!r}")
         if self.pixel_mask is not None and self.pixel_mask.shape != (P,):
             raise ArtifactError(f"pixel mask has shape {self.pixel_mask.shape}, expected ({P},)")
+        if self.pixel_error is not None:
+            assert self.pixel_error_edges is not None
+            nb = len(self.pixel_error_edges) + 2
+            if self.pixel_error.shape != (nb, P):
+                raise ArtifactError(f"pixel error table has shape {self.pixel_error.shape}, expected ({nb}, {P}): "
+                                    f"one row for all stars and one per Teff bin of {len(self.pixel_error_edges)} edges")
+            if not (np.isfinite(self.pixel_error).all() and (self.pixel_error >= 0).all()):
+                raise ArtifactError("pixel error table must be finite and non-negative")
+            if np.any(np.diff(self.pixel_error_edges) <= 0):
+                raise ArtifactError("pixel error Teff edges must increase")
         unknown = set(self.log_labels) - set(self.label_names)
         if unknown:
             raise ArtifactError(f"log_labels {sorted(unknown)} are not labels of this emulator")
@@ -154,6 +175,19 @@ class Emulator:
     @property
     def n_pixels(self) -> int:
         return len(self.wave)
+
+    def pixel_error_for(self, teff: NDArray | None) -> NDArray[np.float32] | None:
+        """The emulator error (n, P) for stars of Teff ``teff`` (n,): the row of their Teff
+        bin, or the all-star row where Teff is NaN or ``teff`` is None (then shape (1, P))."""
+        if self.pixel_error is None:
+            return None
+        if teff is None:
+            return self.pixel_error[:1]
+        teff = np.asarray(teff, np.float64)
+        assert self.pixel_error_edges is not None
+        row = np.searchsorted(self.pixel_error_edges, teff, side="right") + 1
+        row = np.where(np.isfinite(teff), row, 0)
+        return self.pixel_error[row]
 
     # -- label transforms ------------------------------------------------------
     @property
@@ -225,6 +259,10 @@ class Emulator:
             h.update(np.ascontiguousarray(arr, np.float64).tobytes())
         h.update(np.ascontiguousarray(self.pixel_mask, np.uint8).tobytes())
         h.update(json.dumps([self.label_names, self.activation, sorted(self.log_labels)]).encode())
+        if self.pixel_error is not None:  # (absent: the hash of older artifacts is unchanged)
+            assert self.pixel_error_edges is not None
+            h.update(np.ascontiguousarray(self.pixel_error, np.float32).tobytes())
+            h.update(np.ascontiguousarray(self.pixel_error_edges, np.float64).tobytes())
         return h.hexdigest()
 
 
@@ -286,6 +324,9 @@ class TrainConfig:
     patience: int = 200  # epochs without improvement of the test loss before stopping
     max_minutes: float = 9.0  # wall-clock cap on training
     error_floor: float = 0.01  # σ added in quadrature to the pixel errors in the loss weights
+    # Teff bin edges (K) of the emulator-error table measured on the test stars; bins
+    # with fewer than 5 test stars use the all-star row (bench_validation measures it)
+    pixel_error_teff_edges: tuple[float, ...] = (5000.0, 8000.0)
     # pixels at each end of the covered range left out of training and fitting: the
     # running-median continuum is one-sided there and the emulator is worst (DESIGN.md)
     edge_pixels: int = 200
@@ -473,9 +514,52 @@ def train_emulator(labels: NDArray, flux: NDArray, ivar: NDArray, *, label_names
         metrics={"best_test_loss": best[0], "best_epoch": best[1], "epochs": epochs_run},
         pixel_mask=pixel_mask, log_labels=log_labels,
     )
+    if "TEFF" in emu.label_names:
+        emu.pixel_error_edges = np.asarray(config.pixel_error_teff_edges, np.float64)
+        emu.pixel_error = measure_pixel_error(emu, labels[te], flux[te], ivar[te],
+                                              teff_edges=config.pixel_error_teff_edges)
+    else:
+        emu.pixel_error_edges = np.array([], np.float64)
+        emu.pixel_error = measure_pixel_error(emu, labels[te], flux[te], ivar[te], teff_edges=())
+    emu.validate()
     seconds = time.perf_counter() - t0
     emu.metrics["train_seconds"] = seconds
     return TrainResult(emu, history, {k: np.asarray(v) for k, v in split.items()}, seconds, epochs_run)
+
+
+def measure_pixel_error(emu: Emulator, labels: NDArray, flux: NDArray, ivar: NDArray, *,
+                        teff_edges: Sequence[float] = (), min_stars: int = 5) -> NDArray[np.float32]:
+    """The emulator's own error per pixel on spectra it was not trained on: the rms of
+    (model − flux) with the noise variance taken out, √max(⟨r²⟩ − ⟨σ²⟩, 0), over all
+    spectra (row 0) and per Teff bin (rows 1…; a bin with fewer than ``min_stars``
+    spectra, or a pixel without data in it, gets the all-star value)."""
+    labels = np.asarray(labels, np.float64)
+    flux = np.asarray(flux, np.float64)
+    ivar = np.asarray(ivar, np.float64)
+    good = (ivar > 0) & np.isfinite(flux) & emu.pixel_mask[None, :]
+    model = emu.predict(labels) if len(labels) else np.empty_like(flux)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        excess = np.where(good, (model - np.where(good, flux, 0.0)) ** 2 - 1.0 / np.where(good, ivar, 1.0), 0.0)
+
+    def rms(sel: NDArray[np.bool_]) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
+        n = good[sel].sum(0)
+        v = excess[sel].sum(0) / np.maximum(n, 1)
+        return np.sqrt(np.clip(v, 0.0, None)), n > 0
+
+    every = np.ones(len(labels), bool)
+    all_row, _ = rms(every)
+    rows = [all_row]
+    if len(teff_edges):
+        t = labels[:, emu.label_names.index("TEFF")]
+        b = np.searchsorted(np.asarray(teff_edges, np.float64), t, side="right")
+        for k in range(len(teff_edges) + 1):
+            sel = b == k
+            if sel.sum() < min_stars:
+                rows.append(all_row)
+                continue
+            r, has = rms(sel)
+            rows.append(np.where(has, r, all_row))
+    return np.stack(rows).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------
@@ -506,6 +590,9 @@ def save_emulator(emu: Emulator, directory: str | os.PathLike[str]) -> Path:
     tensors = {**{k: v for k, v in emu.weights.items()},
                "x_min": emu.x_min, "x_max": emu.x_max, "wave": emu.wave,
                "pixel_mask": emu.pixel_mask.astype(np.uint8)}
+    if emu.pixel_error is not None:
+        tensors["pixel_error"] = emu.pixel_error
+        tensors["pixel_error_edges"] = emu.pixel_error_edges
     meta = {
         "format": ARTIFACT_FORMAT,
         "label_names": emu.label_names,
@@ -558,6 +645,7 @@ def load_emulator(directory: str | os.PathLike[str], *, expected_hash: str | Non
             config=meta.get("config", {}), metrics=meta.get("metrics", {}),
             pixel_mask=t["pixel_mask"].astype(bool) if "pixel_mask" in t else None,
             log_labels=tuple(meta.get("log_labels", ())),
+            pixel_error=t.get("pixel_error"), pixel_error_edges=t.get("pixel_error_edges"),
         )
     except KeyError as exc:
         raise ArtifactError(f"{directory}: artifact lacks {exc}") from None

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -353,7 +353,9 @@ def find_label_outliers(emu, ref: ReferenceSet, *, ratio: float, fit_config=None
     """
     from .fit import FitConfig, _effective_weights, fit_spectra
 
-    cfg = fit_config or FitConfig()
+    # the ratio compares χ² under the pixel noise alone (the emulator-error weighting
+    # would shrink both χ² of a mislabelled star towards the emulator's own error)
+    cfg = replace(fit_config or FitConfig(), emulator_error=False)
     res = fit_spectra(emu, ref.flux, ref.ivar, starts=ref.labels, config=cfg)
     w = _effective_weights(emu, ref.flux, ref.ivar, cfg)
     lo, hi = cfg.bounds_for(emu.label_names)

@@ -16,6 +16,7 @@ from mastar_vac.emulator import (
     import_payne_npz,
     load_emulator,
     loss_weights,
+    measure_pixel_error,
     save_emulator,
     split_indices,
     train_emulator,
@@ -151,3 +152,44 @@ def test_payne_npz_round_trip(tmp_path):
     np.savez(bad, w_array_0=np.zeros(3))
     with pytest.raises(ArtifactError, match="missing"):
         import_payne_npz(bad, label_names=LABELS, wave=emu.wave)
+
+
+def test_pixel_error_is_measured_per_teff_bin_without_the_noise():
+    emu = toy_emulator()
+    lab = toy_labels(300, seed=8)
+    m = emu.predict(lab)
+    rng = np.random.default_rng(2)
+    sigma = 0.02
+    flux = m + rng.normal(0, sigma, m.shape)
+    hot = lab[:, 0] >= 6500
+    flux[np.ix_(hot, np.arange(1000, 1100))] += 0.05  # the emulator misses this for hot stars
+    ivar = np.full_like(flux, sigma**-2)
+    ivar[:, 2000:2010] = 0  # no data: the all-star row stands in (here 0 too)
+    err = measure_pixel_error(emu, lab, flux, ivar, teff_edges=(6500.0,))
+    assert err.shape == (3, emu.n_pixels) and err.dtype == np.float32
+    modelled = emu.pixel_mask
+    quiet = modelled.copy()
+    quiet[1000:1100] = False
+    # the noise (2%) is taken out: what is left of it is a small fraction of σ
+    assert np.median(err[:, quiet]) < 0.3 * sigma
+    assert np.median(err[2, 1000:1100]) == pytest.approx(0.05, rel=0.15)  # hot bin
+    assert np.median(err[1, 1000:1100]) < 0.3 * sigma  # cool bin: nothing missed
+    assert 0.2 < np.median(err[0, 1000:1100]) / 0.05 < 0.9  # all stars: diluted
+    # a bin with too few stars falls back to the all-star row
+    assert 0 < (lab[:, 0] >= 8990).sum() < 5
+    sparse = measure_pixel_error(emu, lab, flux, ivar, teff_edges=(8990.0,))
+    np.testing.assert_array_equal(sparse[2], sparse[0])
+
+
+def test_trained_emulator_carries_its_error_and_the_artifact_keeps_it(tmp_path):
+    emu = toy_emulator()
+    assert emu.pixel_error is not None and emu.pixel_error.shape == (4, emu.n_pixels)
+    np.testing.assert_array_equal(emu.pixel_error_edges, [5000.0, 8000.0])
+    d = save_emulator(emu, tmp_path / "emu")
+    back = load_emulator(d, expected_hash=emu.content_hash())
+    np.testing.assert_array_equal(back.pixel_error, emu.pixel_error)
+    # the error table is part of the content hash
+    other = dataclasses.replace(emu, pixel_error=emu.pixel_error * 2)
+    assert other.content_hash() != emu.content_hash()
+    with pytest.raises(ArtifactError, match="pixel error table has shape"):
+        dataclasses.replace(emu, pixel_error=emu.pixel_error[:2])

@@ -21,7 +21,8 @@ def test_recovers_labels_within_errors():
     truth = toy_labels(200, seed=11)
     truth[:, 0] = np.clip(truth[:, 0], 4300, 8700)
     f, iv = _noisy(emu, truth)
-    res = fit_spectra(emu, f, iv)
+    # spectra made by the emulator itself: the noise alone is the whole error
+    res = fit_spectra(emu, f, iv, config=FitConfig(emulator_error=False))
     assert (res.status == STATUS["OK"]).mean() > 0.97
     z = (res.labels - truth) / res.errors
     # pulls are unit normal: the formal errors are right
@@ -35,7 +36,8 @@ def test_agrees_with_curve_fit_from_the_same_start():
     truth[:, 0] = np.clip(truth[:, 0], 4500, 8500)
     f, iv = _noisy(emu, truth, seed=2)
     start = truth + np.array([250.0, 0.25, 0.15])
-    res = fit_spectra(emu, f, iv, starts=start, config=FitConfig(n_grid_starts=0))
+    # the same χ² as curve_fit's: the pixel noise alone
+    res = fit_spectra(emu, f, iv, starts=start, config=FitConfig(n_grid_starts=0, emulator_error=False))
     for i in range(len(truth)):
         lab, cov, chi2 = fit_curve_fit(emu, f[i], iv[i], start[i])
         err = np.sqrt(np.diag(cov))
@@ -155,3 +157,35 @@ def test_fit_cube_resumes_from_block_checkpoints(tmp_path, monkeypatch):
     assert len(list(parts.glob("block-*.npy"))) == 3
     ref = fit_cube(cube, emu).compute(scheduler="sync")
     np.testing.assert_array_equal(df["TEFF"].to_numpy(), ref["TEFF"].to_numpy())
+
+
+def test_emulator_error_downweights_pixels_the_emulator_cannot_reproduce():
+    """Stars whose spectra depart from the emulator over a stretch of pixels (as cool
+    stars' blue ends do on the demo) are fitted better when the emulator's measured error
+    there is added to the noise, and the two passes pick each star's Teff-bin error."""
+    import dataclasses
+
+    base = toy_emulator()
+    P = base.n_pixels
+    bump = np.zeros(P)
+    bump[300:1300] = 0.08 * np.sin(np.arange(1000) / 15.0)  # structure the emulator lacks
+    err = np.zeros((4, P), np.float32)
+    err[0] = np.abs(bump) / 2  # all stars: a diluted version
+    err[1] = np.abs(bump) + 0.01  # the cool bin (< 6000 K): where the misfit is
+    emu = dataclasses.replace(base, pixel_error=err, pixel_error_edges=np.array([6000.0, 8000.0]))
+    truth = toy_labels(40, seed=31)
+    truth[:, 0] = np.clip(truth[:, 0], 4300, 5700)
+    f, iv = _noisy(emu, truth, sn=100, seed=5)
+    f = f + bump
+    plain = fit_spectra(emu, f, iv, config=FitConfig(emulator_error=False))
+    weighted = fit_spectra(emu, f, iv)
+    d_plain = np.median(np.abs(plain.labels - truth), axis=0)
+    d_weighted = np.median(np.abs(weighted.labels - truth), axis=0)
+    assert np.all(d_weighted < 0.5 * d_plain), (d_plain, d_weighted)
+    assert np.median(weighted.chi2_red) < 2.0 < np.median(plain.chi2_red)
+    # a second pass ran from the first one's solution: more iterations than one pass
+    one = fit_spectra(emu, f, iv, config=FitConfig(emulator_error=False, n_grid_starts=2))
+    assert weighted.n_iter.sum() > one.n_iter.sum()
+    # the error of the bin the star falls in is used, the all-star row where Teff is NaN
+    rows = emu.pixel_error_for(np.array([5000.0, 7000.0, 9000.0, np.nan]))
+    np.testing.assert_array_equal(rows, err[[1, 2, 3, 0]])
