@@ -514,13 +514,10 @@ def train_emulator(labels: NDArray, flux: NDArray, ivar: NDArray, *, label_names
         metrics={"best_test_loss": best[0], "best_epoch": best[1], "epochs": epochs_run},
         pixel_mask=pixel_mask, log_labels=log_labels,
     )
-    if "TEFF" in emu.label_names:
-        emu.pixel_error_edges = np.asarray(config.pixel_error_teff_edges, np.float64)
-        emu.pixel_error = measure_pixel_error(emu, labels[te], flux[te], ivar[te],
-                                              teff_edges=config.pixel_error_teff_edges)
-    else:
-        emu.pixel_error_edges = np.array([], np.float64)
-        emu.pixel_error = measure_pixel_error(emu, labels[te], flux[te], ivar[te], teff_edges=())
+    # Teff bins need a Teff label; without one, the all-star row alone
+    edges = tuple(config.pixel_error_teff_edges) if "TEFF" in emu.label_names else ()
+    emu.pixel_error_edges = np.asarray(edges, np.float64)
+    emu.pixel_error = measure_pixel_error(emu, labels[te], flux[te], ivar[te], teff_edges=edges)
     emu.validate()
     seconds = time.perf_counter() - t0
     emu.metrics["train_seconds"] = seconds
@@ -546,8 +543,7 @@ def measure_pixel_error(emu: Emulator, labels: NDArray, flux: NDArray, ivar: NDA
         v = excess[sel].sum(0) / np.maximum(n, 1)
         return np.sqrt(np.clip(v, 0.0, None)), n > 0
 
-    every = np.ones(len(labels), bool)
-    all_row, _ = rms(every)
+    all_row, _ = rms(np.ones(len(labels), bool))
     rows = [all_row]
     if len(teff_edges):
         t = labels[:, emu.label_names.index("TEFF")]
