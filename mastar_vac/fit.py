@@ -96,7 +96,8 @@ class FitConfig:
     # the noise: a first fit with the all-star error finds the Teff bin, a second fit uses
     # that bin's error. On the demo's 5-fold validation (bench_validation) it takes the MADs
     # above 6,000 K from 171 K / 0.29 / 0.23 dex to 162 K / 0.23 / 0.18 dex (Teff, log g,
-    # [Fe/H]), and [Fe/H] below 6,000 K from 0.144 to 0.130 dex.
+    # [Fe/H]), and [Fe/H] below 6,000 K from 0.144 to 0.130 dex (with an MSE-trained
+    # emulator; the Huber-trained default's numbers are in the README).
     emulator_error: bool = True
     device: str = "cpu"
     threads: int = 0  # torch threads inside one task; 0 = leave as set (cluster plugin)
