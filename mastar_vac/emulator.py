@@ -319,6 +319,9 @@ class TrainConfig:
     log_labels: tuple[str, ...] = ("TEFF",)  # labels the network sees as log10
     learning_rate: float = 3e-3
     weight_decay: float = 1e-5
+    # Updates per epoch matter more than batch size: a DR17-size set (~2,700 training
+    # stars) gets 11 per epoch at 256. The demo's ~600 stars get 2 at 256, and demo.toml
+    # sets 64 (measured there). At DR17 size, 64 ran into the 9-minute cap (bench_emulator).
     batch_size: int = 256
     max_epochs: int = 3000
     patience: int = 200  # epochs without improvement of the test loss before stopping
