@@ -41,7 +41,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("MASTAR_VAC_PROGRESS", "0")
     from mastar_vac.config import load_config
-    from mastar_vac.emulator import train_emulator
+    from mastar_vac.emulator import TEFF_BINS, flux_accuracy, train_emulator
     from mastar_vac.reference import ReferenceSet
     from mastar_vac.validate import format_table1, label_residuals, validate_fit
 
@@ -59,7 +59,7 @@ def main() -> None:
     miles_flux, miles_ivar = miles_at_mastar_resolution(ref.ids, demo_files().root)
     fitted = np.full(ref.labels.shape, np.nan)
     per_fold = []
-    diffs, goods, teffs = [], [], []
+    accuracy = []  # flux_accuracy per fold (Figure 5 fractions)
     t0 = time.perf_counter()
     for k, held in enumerate(folds):
         rest = np.setdiff1d(np.arange(len(ref)), held)
@@ -74,11 +74,7 @@ def main() -> None:
                                  seed=cfg.run.seed + k)
         fitted[held] = df[[f"FIT_{n}" for n in ref.label_names]].to_numpy()
         per_fold.append(table)
-        m = emu.predict(ref.labels[held])
-        good = (miles_ivar[held] > 0) & emu.pixel_mask[None, :]
-        diffs.append(np.abs(m - miles_flux[held])[good])
-        teffs.append(np.repeat(ref.labels[held, 0], good.sum(1)))
-        goods.append(good.sum())
+        accuracy.append(flux_accuracy(emu, ref.labels[held], miles_flux[held], miles_ivar[held]))
         print(f"fold {k + 1}/{args.folds}: {len(held)} held-out stars, "
               f"MAD Teff {table['Teff < 6000 K']['TEFF']['mad']:.0f} K (< 6000 K) / "
               f"{table['Teff > 6000 K']['TEFF']['mad']:.0f} K (> 6000 K)  [{time.perf_counter() - t0:.0f} s]",
@@ -95,16 +91,19 @@ def main() -> None:
     print()
     print(format_table1(table, ref.label_names, f"{args.folds}-fold cross-validation, every one of {len(emp)} "
                         f"reference stars held out once, co-adds at S/N 50"))
-    d, t = np.concatenate(diffs), np.concatenate(teffs)
+    # pooled over folds: each fold's fraction weighted by its pixel count
+    n_pix = {b: sum(a[b]["n_pixels"] for a in accuracy) for b in ["all", *(name for _, _, name in TEFF_BINS)]}
+
+    def pooled(b: str, key: str) -> float:
+        return 100 * sum(a[b][key] * a[b]["n_pixels"] for a in accuracy if a[b]["n_pixels"]) / max(n_pix[b], 1)
+
     print(f"\nFigure 5 fractions, every star held out once, against the real MILES spectra at MaStar resolution "
-          f"({len(d)} pixels):")
-    for name, sel in (("all", np.ones(len(d), bool)), ("< 5000 K", t < 5000), ("5000-8000 K", (t >= 5000) & (t < 8000)),
-                      ("> 8000 K", t >= 8000)):
-        print(f"  {name:<12} within 2%: {100 * np.mean(d[sel] < 0.02):5.1f}%   within 4%: "
-              f"{100 * np.mean(d[sel] < 0.04):5.1f}%")
+          f"({n_pix['all']} pixels):")
+    for b in n_pix:
+        print(f"  {b:<12} within 2%: {pooled(b, 'within_2pct'):5.1f}%   within 4%: {pooled(b, 'within_4pct'):5.1f}%")
     print("\nspread over folds (min–max of the per-fold value):")
-    f2 = [100 * np.mean(x < 0.02) for x in diffs]
-    f4 = [100 * np.mean(x < 0.04) for x in diffs]
+    f2 = [100 * a["all"]["within_2pct"] for a in accuracy]
+    f4 = [100 * a["all"]["within_4pct"] for a in accuracy]
     print(f"  Figure 5, all Teff: within 2% {min(f2):.1f}–{max(f2):.1f}%, within 4% {min(f4):.1f}–{max(f4):.1f}%")
     for rng_name in ("Teff < 6000 K", "Teff > 6000 K"):
         cells = []
