@@ -35,6 +35,7 @@ __all__ = [
     "flag_counts",
     "flag_names",
     "training_range_from_emulator",
+    "coverage_distance",
 ]
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ QUALITY_BITS: dict[str, int] = {
     "NO_DATA": 6,
     "FIT_FAILED": 7,
     "MASTAR_QUAL": 8,
+    "OUTSIDE_COVERAGE": 9,
 }
 
 # MASTAR_QUAL bit names (datamodels.md §1.5), for the descriptions
@@ -69,6 +71,14 @@ class QualityConfig:
     # OUTSIDE_TRAINING when a label is beyond the training range by more than this
     # fraction of the range's span (0.01 = 1%): a fit a hair past the edge is not an extrapolation
     training_range_tolerance: float = 0.01
+    # OUTSIDE_COVERAGE when the fitted labels are farther than this from the
+    # `coverage_neighbours`-th nearest training star, in the emulator's scaled label space
+    # (each label's training span = 1; Teff in log10 when the emulator models log Teff).
+    # Inside the training *box* there are holes — supergiants at 8–10 kK, metal-poor hot
+    # stars — where the network extrapolates as freely as outside it. 0.1 is a tenth of
+    # each span: about 0.65 dex of log g or 0.4 dex of [Fe/H] from the third neighbour.
+    coverage_radius: float = 0.1
+    coverage_neighbours: int = 3
     mastar_bad_bits: tuple[int, ...] = (1, 4, 5, 6, 7)  # SKYSUBBAD LOWCOV POORCAL BADHELIORV MANUAL
     emission_line_bit: int = 8  # MASTAR_QUAL EMLINE
     invalidating: tuple[str, ...] = ("CHI2_HIGH", "NOT_CONVERGED", "AT_BOUND", "NO_DATA", "FIT_FAILED")
@@ -83,6 +93,9 @@ class QualityConfig:
             raise ValueError(f"quality: MASTAR_QUAL bits must be in [0, 62], got {bad_bits}")
         if not self.training_range_tolerance >= 0:
             raise ValueError(f"quality.training_range_tolerance must be >= 0, got {self.training_range_tolerance}")
+        if not self.coverage_radius > 0 or self.coverage_neighbours < 1:
+            raise ValueError(f"quality.coverage_radius must be > 0 and coverage_neighbours >= 1, got "
+                             f"{self.coverage_radius}, {self.coverage_neighbours}")
         if not self.chi2_max > 0:
             raise ValueError(f"quality.chi2_max must be > 0, got {self.chi2_max}")
 
@@ -112,6 +125,8 @@ def describe_bits(config: QualityConfig = QualityConfig()) -> list[tuple[int, st
         "FIT_FAILED": "bad fit, error or non-finite (STATUS 3-5)",
         "MASTAR_QUAL": f"MJDQUAL has {bad or 'no bits'}" if len(bad) <= 50 else
                        f"MJDQUAL bits {','.join(map(str, sorted(set(config.mastar_bad_bits))))}",
+        "OUTSIDE_COVERAGE": f"no {config.coverage_neighbours} training stars within "
+                            f"{config.coverage_radius:g} (scaled)",
     }
     inval = set(config.invalidating)
     return [(bit, name, text[name] + ("; VALID=0" if name in inval else ""))
@@ -145,6 +160,26 @@ def training_range_from_emulator(emu: Any, label_names: Sequence[str]
     return lo, hi
 
 
+def coverage_distance(emu: Any, labels: NDArray, *, k: int = 3) -> NDArray[np.float64]:
+    """Distance from each row of ``labels`` (physical units, the emulator's label order)
+    to its ``k``-th nearest training star, in the emulator's scaled label space (each
+    label's training span is 1). NaN for rows with a non-finite label, and for all rows
+    when the emulator carries no training labels (``config["start_grid"]``).
+    """
+    from scipy.spatial import cKDTree
+
+    labels = np.asarray(labels, np.float64).reshape(-1, emu.n_labels)
+    train = np.asarray(emu.config.get("start_grid") or [], np.float64).reshape(-1, emu.n_labels)
+    out = np.full(len(labels), np.nan)
+    ok = np.isfinite(labels).all(axis=1)
+    if not len(train) or not ok.any():
+        return out
+    k = min(int(k), len(train))
+    d, _ = cKDTree(emu.scale(train)).query(emu.scale(labels[ok]), k=k)
+    out[ok] = d if k == 1 else d[:, -1]
+    return out
+
+
 def _numeric(fits: pd.DataFrame, col: str) -> NDArray[np.float64]:
     return pd.to_numeric(fits[col], errors="coerce").to_numpy(np.float64)
 
@@ -163,7 +198,8 @@ def quality_flags(fits: pd.DataFrame, label_names: Sequence[str], *,
     ``fits`` needs STATUS, CHISQ_RED, AT_BOUND, MJDQUAL, the S/N column and the labels.
     ``training_range`` is (lo, hi) in physical units aligned with ``label_names`` (NaN:
     not checked), e.g. from :func:`training_range_from_emulator`; None skips
-    OUTSIDE_TRAINING.
+    OUTSIDE_TRAINING. An optional ``COVERAGE_DIST`` column (:func:`coverage_distance`)
+    sets OUTSIDE_COVERAGE where it exceeds ``config.coverage_radius``.
     """
     label_names = list(label_names)
     need = ["STATUS", "CHISQ_RED", "AT_BOUND", "MJDQUAL", config.snr_column, *label_names]
@@ -203,6 +239,10 @@ def quality_flags(fits: pd.DataFrame, label_names: Sequence[str], *,
         with np.errstate(invalid="ignore"):
             out = (labels < (lo - tol)[None, :]) | (labels > (hi + tol)[None, :])  # NaN label or range: False
         setbit("OUTSIDE_TRAINING", out.any(axis=1))
+
+    if "COVERAGE_DIST" in fits.columns:
+        with np.errstate(invalid="ignore"):
+            setbit("OUTSIDE_COVERAGE", _numeric(fits, "COVERAGE_DIST") > config.coverage_radius)
 
     valid = ((flag & config.invalidating_mask) == 0) & finite
     counts = flag_counts(flag)

@@ -187,7 +187,7 @@ class StageContext:
                                            outlier_chi2_ratio=c.reference.outlier_chi2_ratio, progress=self.progress)
         emu = trained.result.emulator
         clean, split = trained.reference, trained.split
-        diag = emulator_diagnostic(emu, clean.labels, clean.flux, clean.ivar, split)
+        diag = emulator_diagnostic(emu, clean.labels, clean.flux, clean.ivar, split, source=clean.source)
         emu.metrics["diagnostic"] = diag
         log.info("emulator accuracy (fraction of pixels within 2%% / 4%%):\n%s", format_diagnostic(diag))
         d = self.training_dir
@@ -198,24 +198,29 @@ class StageContext:
             trained.outliers.to_csv(d / "label_outliers.csv", index=False)
         self.diagnostic_path.write_text(json.dumps(diag, indent=1))
         (d / "emulator_diagnostic.txt").write_text(format_diagnostic(diag) + "\n")
-        sets = {}
+        sets = {}  # the figure shows real spectra only: synthetic ones are not pooled with them
         for name, idx in split.items():
+            idx = idx[clean.source[idx] == "empirical"]
             if len(idx):
                 sets[name] = (emu.predict(clean.labels[idx]), clean.flux[idx],
                               (clean.ivar[idx] > 0) & emu.pixel_mask[None, :])
         plot_emulator_diagnostic(sets, d / "emulator_diagnostic.png")
         save_emulator(emu, self.emulator_path)
+        out = trained.outliers
         record(self.emulator_path, key, hash=emu.content_hash(), diagnostic=diag,
-               n_outliers=int(trained.outliers["outlier"].sum()) if trained.outliers is not None else 0,
+               n_outliers=int(out["removed"].sum()) if out is not None and "removed" in out else 0,
+               n_flagged_validation=int((out["outlier"] & out["validation"]).sum())
+               if out is not None and "validation" in out else 0,
                train_seconds=trained.result.seconds)
         return "ran", self._emulator_detail()
 
     def _emulator_detail(self) -> str:
         rec = read_record(self.emulator_path) or {}
         v = (rec.get("diagnostic") or {}).get("validation", {}).get("all", {})
-        acc = (f"held-out pixels within 2%: {100 * v['within_2pct']:.1f}%, within 4%: {100 * v['within_4pct']:.1f}%"
+        acc = (f"held-out real pixels within 2%: {100 * v['within_2pct']:.1f}%, within 4%: {100 * v['within_4pct']:.1f}%"
                if v else "")
-        return f"{rec.get('n_outliers', 0)} label outliers removed; {acc}"
+        return (f"{rec.get('n_outliers', 0)} label outliers removed from training/test, "
+                f"{rec.get('n_flagged_validation', 0)} held-out stars flagged and kept; {acc}")
 
     def use_given_emulator(self) -> tuple[str, str]:
         from .emulator import load_emulator
@@ -269,15 +274,16 @@ class StageContext:
         return f"{rec.get('n')} visits fitted; status {st}"
 
     def validation(self) -> tuple[str, str]:
-        """Table 1: the held-out reference stars fitted at S/N 50 and as observed."""
+        """Table 1 on the held-out reference stars: every visit at its own S/N (the
+        headline), and the co-adds at S/N 50; all held-out stars, and separately those
+        the label-outlier test flagged (they are never removed: see mastar_vac.train)."""
         from .emulator import load_emulator
-        from .fit import fit_spectra
         from .io.cube import open_cube
         from .reference import ReferenceSet
-        from .validate import format_table1, label_residuals, validate_fit
+        from .validate import format_table1, label_residuals, validate_fit, validate_visits, visits_of
 
         c = self.cfg
-        key = stage_key(emulator=self.keys["emulator"], fit=c.fit, cube=self.keys["cube"])
+        key = stage_key(emulator=self.keys["emulator"], fit=c.fit, cube=self.keys["cube"], version=2)
         if is_current(self.validation_path, key):
             return "reused", self._validation_detail()
         emu = load_emulator(self.emulator_path)
@@ -286,43 +292,81 @@ class StageContext:
         idx = split["validation"][ref.source[split["validation"]] == "empirical"]
         if len(idx) == 0:
             return "ran", "no held-out empirical stars"
+        ids = ref.ids[idx]
+        flagged_ids = set(self._flagged_validation_ids())
+        flagged = np.isin(ids, list(flagged_ids))
         d = self.validation_path.parent
         d.mkdir(parents=True, exist_ok=True)
-        table, df = validate_fit(emu, ref.labels[idx], ref.flux[idx], ref.ivar[idx], config=c.fit, snr=50.0,
-                                 seed=c.run.seed)
-        df.insert(0, "MANGAID", ref.ids[idx])
-        df.to_csv(d / "validation_snr50.csv", index=False)
-        text = format_table1(table, emu.label_names,
-                             f"Held-out reference stars, co-adds degraded to S/N {table['median_snr']:.0f}")
-        # the same stars' individual visits, as observed
+        names = emu.label_names
+        tables: dict[str, Any] = {}
+        texts: list[str] = []
+
+        # 1. the headline: every visit of the held-out stars, as observed
         cube = open_cube(self.cube_path)
         mid = cube["mangaid"].values.astype(str)
-        vsel = np.flatnonzero(np.isin(mid, ref.ids[idx]))
-        lab_of = dict(zip(ref.ids[idx], ref.labels[idx]))
-        vis_table = None
+        vsel, vis_ref = visits_of(mid, ids, ref.labels[idx])
         if len(vsel):
-            res = fit_spectra(emu, cube["norm_flux"].isel(visit=vsel).values,
-                              cube["norm_ivar"].isel(visit=vsel).values, config=c.fit)
-            ref_lab = np.array([lab_of[m] for m in mid[vsel]])
-            vis_table = label_residuals(res.labels, ref_lab, emu.label_names)
-            text += "\n\n" + format_table1(vis_table, emu.label_names,
-                                            f"The same stars' {len(vsel)} individual visits as observed "
-                                            f"(median S/N {np.nanmedian(cube['s2n'].values[vsel]):.0f})")
+            vt, vdf = validate_visits(emu, cube["norm_flux"].isel(visit=vsel).values,
+                                      cube["norm_ivar"].isel(visit=vsel).values, vis_ref, config=c.fit)
+            vflag = np.isin(mid[vsel], list(flagged_ids))
+            vdf.insert(0, "MANGAID", mid[vsel])
+            vdf.insert(1, "VISIT_INDEX", vsel)
+            vdf.insert(2, "S2N", cube["s2n"].values[vsel])
+            vdf["OUTLIER_FLAGGED"] = vflag
+            vdf.to_csv(d / "validation_visits.csv", index=False)
+            tables["visits"] = vt
+            texts.append(format_table1(vt, names, f"Held-out reference stars ({len(ids)} stars, drawn before any "
+                                       f"cleaning): all {len(vsel)} individual visits as observed, each at its own "
+                                       f"S/N (median {np.nanmedian(cube['s2n'].values[vsel]):.0f})"))
+            if vflag.any():
+                ft = label_residuals(vdf.loc[vflag, [f"FIT_{n}" for n in names]].to_numpy(), vis_ref[vflag], names)
+                tables["visits_flagged"] = ft
+                texts.append(format_table1(ft, names, f"  of which the {int(vflag.sum())} visits of the "
+                                           f"{int(flagged.sum())} held-out stars the label-outlier test flags "
+                                           f"(kept above; catalogue labels likely wrong)"))
+        # 2. the co-adds at a fixed S/N, comparable between runs
+        table, df = validate_fit(emu, ref.labels[idx], ref.flux[idx], ref.ivar[idx], config=c.fit, snr=50.0,
+                                 seed=c.run.seed)
+        df.insert(0, "MANGAID", ids)
+        df["OUTLIER_FLAGGED"] = flagged
+        df.to_csv(d / "validation_snr50.csv", index=False)
+        tables["snr50"] = table
+        texts.append(format_table1(table, names, f"The same {len(ids)} stars' co-adds degraded to S/N "
+                                   f"{table['median_snr']:.0f}"))
+        if flagged.any():
+            ft = label_residuals(df.loc[flagged, [f"FIT_{n}" for n in names]].to_numpy(), ref.labels[idx][flagged],
+                                 names)
+            tables["snr50_flagged"] = ft
+            texts.append(format_table1(ft, names, f"  of which the {int(flagged.sum())} flagged stars"))
+        text = "\n\n".join(texts)
         (d / "table1.txt").write_text(text + "\n")
         log.info("validation (Table 1 analogue):\n%s", text)
-        self.validation_path.write_text(json.dumps({"snr50": table, "visits": vis_table}, indent=1))
-        record(self.validation_path, key, snr50=table, visits=vis_table)
+        self.validation_path.write_text(json.dumps(tables, indent=1, default=_json_default))
+        record(self.validation_path, key, **{k: v for k, v in tables.items()})
         return "ran", self._validation_detail()
+
+    def _flagged_validation_ids(self) -> list[str]:
+        """MANGAIDs of held-out stars the label-outlier test flagged (kept in validation)."""
+        import pandas as pd
+
+        p = self.training_dir / "label_outliers.csv"
+        if not p.exists():
+            return []
+        t = pd.read_csv(p, dtype={"id": str})
+        if "validation" not in t.columns:
+            return []
+        return t.loc[t["validation"].astype(bool) & t["outlier"].astype(bool), "id"].astype(str).tolist()
 
     def _validation_detail(self) -> str:
         rec = read_record(self.validation_path) or {}
-        t = rec.get("snr50") or {}
+        t = rec.get("visits") or rec.get("snr50") or {}
+        what = "per visit" if rec.get("visits") else "co-adds at S/N 50"
         parts = []
-        for rng in ("Teff < 6000 K", "Teff > 6000 K"):
+        for rng in ("Teff < 6000 K", "Teff > 6000 K", "Teff > 8000 K"):
             r = t.get(rng)
-            if r and "TEFF" in r:
-                parts.append(f"{rng}: MAD Teff {r['TEFF']['mad']:.0f} K (N={r['n']})")
-        return "; ".join(parts) or "see validation/table1.txt"
+            if r and "TEFF" in r and r.get("n"):
+                parts.append(f"{rng}: MAD Teff {r['TEFF']['mad']:.0f} K (N={r['n']}, failed {r.get('n_failed', 0)})")
+        return (what + ": " + "; ".join(parts)) if parts else "see validation/table1.txt"
 
 
     # -- catalogue ---------------------------------------------------------------
@@ -335,7 +379,7 @@ class StageContext:
         from .emulator import load_emulator
         from .io.cube import open_cube
         from .io.vac import write_vac_fits, write_vac_parquet
-        from .quality import describe_bits, training_range_from_emulator
+        from .quality import coverage_distance, describe_bits, training_range_from_emulator
         from .uncertainty import format_precision_table
 
         c = self.cfg
@@ -345,6 +389,8 @@ class StageContext:
             return "reused", self._catalog_detail()
         emu = load_emulator(self.emulator_in_use())
         fits = pd.read_parquet(self.fits_path).sort_values("VISIT_INDEX").reset_index(drop=True)
+        fits["COVERAGE_DIST"] = coverage_distance(emu, fits[list(emu.label_names)].to_numpy(np.float64),
+                                                  k=c.quality.coverage_neighbours)
         visits = visit_table(open_cube(self.cube_path))
         vac, report = assemble_catalog(fits, visits, emu.label_names,
                                        training_range=training_range_from_emulator(emu, emu.label_names),

@@ -6,9 +6,11 @@
 2. A first emulator is trained on the training part.
 3. Every reference spectrum — validation included — is fitted with that emulator; stars
    whose χ² at their catalogue labels is more than ``outlier_chi2_ratio`` times the
-   best-fit χ² are mislabelled (DESIGN.md: MILES m0386, m0330, …) and leave the
-   reference set. The first emulator never saw a validation star, so rejecting a
-   validation star uses nothing learned from it.
+   best-fit χ² are mislabelled (DESIGN.md: MILES m0386, m0330, …). Training and test
+   stars so flagged leave the reference set. Validation stars are flagged but never
+   removed: they were drawn before any cleaning, and the stars the outlier test finds
+   are exactly the ones the fit gets most wrong — removing them would flatter Table 1.
+   The validation stage reports them separately as well as with the rest.
 4. The final emulator is trained on the cleaned training part.
 """
 
@@ -37,6 +39,15 @@ class TrainedEmulator:
     split: dict[str, NDArray[np.int64]]
     outliers: pd.DataFrame | None  # one row per original reference spectrum, or None if not run
     first_result: TrainResult | None  # the emulator used to find the outliers
+
+    @property
+    def flagged(self) -> NDArray[np.bool_]:
+        """Per spectrum of ``reference``: flagged by the outlier test (only validation
+        spectra can be flagged and still be here)."""
+        if self.outliers is None:
+            return np.zeros(len(self.reference), bool)
+        kept = self.outliers[~self.outliers["removed"].to_numpy()]
+        return kept["outlier"].to_numpy(bool)
 
 
 def reference_split(ref: ReferenceSet, config: TrainConfig) -> dict[str, NDArray[np.int64]]:
@@ -77,10 +88,16 @@ def train_reference_emulator(ref: ReferenceSet, *, train_config: TrainConfig, fi
         return TrainedEmulator(first, ref, split, None, None)
     outliers = find_label_outliers(first.emulator, ref, ratio=outlier_chi2_ratio, fit_config=fit_config,
                                    skip=ref.source == "synthetic")
-    bad = outliers["outlier"].to_numpy()
-    log.info("label outliers (χ² at catalogue labels > %g × best fit): %d of %d reference spectra",
-             outlier_chi2_ratio, int(bad.sum()), len(ref))
-    for _, row in outliers[bad].sort_values("ratio", ascending=False).head(10).iterrows():
+    flagged = outliers["outlier"].to_numpy()
+    in_validation = np.zeros(len(ref), bool)
+    in_validation[split["validation"]] = True
+    bad = flagged & ~in_validation  # validation stars are flagged, never removed
+    outliers["validation"] = in_validation
+    outliers["removed"] = bad
+    log.info("label outliers (χ² at catalogue labels > %g × best fit): %d of %d reference spectra; "
+             "%d training/test spectra removed, %d validation spectra flagged and kept",
+             outlier_chi2_ratio, int(flagged.sum()), len(ref), int(bad.sum()), int((flagged & in_validation).sum()))
+    for _, row in outliers[flagged].sort_values("ratio", ascending=False).head(10).iterrows():
         log.info("  %s: catalogue %s → fit %s (χ² ratio %.1f)", row["id"],
                  ", ".join(f"{row[n]:.4g}" for n in ref.label_names),
                  ", ".join(f"{row['FIT_' + n]:.4g}" for n in ref.label_names), row["ratio"])

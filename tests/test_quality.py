@@ -193,3 +193,29 @@ def test_describe_and_counts():
     c = flag_counts(flag)
     assert list(c) == [n for _, n, _ in d]
     assert c["LOW_SNR"] == 2 and c["CHI2_HIGH"] == 1 and c["FIT_FAILED"] == 0
+
+
+def test_outside_coverage_finds_holes_inside_the_training_box():
+    """A supergiant at 8,300 K, log g 1.5 lies inside the training box (Teff 3,500–30,000,
+    log g 0.5–5) but far from every training star: flagged. A dwarf among them is not."""
+    from mastar_vac.quality import coverage_distance
+
+    L, h, P = 3, 2, 4
+    rng = np.random.default_rng(0)
+    w = {"w0": rng.normal(size=(h, L)), "b0": np.zeros(h), "w1": rng.normal(size=(h, h)), "b1": np.zeros(h),
+         "w2": rng.normal(size=(P, h)), "b2": np.zeros(P)}
+    emu = Emulator(label_names=["TEFF", "LOGG", "FE_H"], x_min=np.array([np.log10(3500), 0.5, -2.0]),
+                   x_max=np.array([np.log10(30000), 5.0, 0.5]), wave=np.linspace(4000, 5000, P), weights=w,
+                   log_labels=("TEFF",))
+    cool_giants = np.column_stack([rng.uniform(3500, 5500, 200), rng.uniform(0.5, 3.0, 200), rng.uniform(-2, 0.5, 200)])
+    hot_dwarfs = np.column_stack([rng.uniform(7000, 30000, 200), rng.uniform(3.8, 5.0, 200), rng.uniform(-1, 0.5, 200)])
+    emu.config["start_grid"] = np.vstack([cool_giants, hot_dwarfs]).tolist()
+    fitted = np.array([[8300.0, 1.5, 0.0], [12000.0, 4.3, 0.0], [np.nan, 4.0, 0.0]])
+    d = coverage_distance(emu, fitted, k=3)
+    assert d[0] > 0.1 > d[1] and np.isnan(d[2])
+    flag, valid = flags_of(row(TEFF=8300.0, LOGG=1.5, FE_H=0.0, COVERAGE_DIST=d[0]),
+                           row(TEFF=12000.0, LOGG=4.3, FE_H=0.0, COVERAGE_DIST=d[1]))
+    assert flag.tolist() == [bit("OUTSIDE_COVERAGE"), 0]
+    assert valid.tolist() == [1, 1]  # a warning, not an invalidating bit by default
+    emu.config["start_grid"] = []
+    assert np.isnan(coverage_distance(emu, fitted)).all()  # no training labels: nothing is claimed

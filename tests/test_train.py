@@ -38,20 +38,29 @@ def test_mislabelled_stars_are_found_and_dropped():
     ref = _toy_reference(400, seed=3)
     truth = ref.labels.copy()
     # three stars with wrong catalogue labels (cf. MILES m0386: an A star catalogued at 5,538 K)
-    bad = [5, 77, 300]
-    ref.labels[5, 0] = 4300.0 if truth[5, 0] > 6500 else 8700.0
-    ref.labels[77, 0] = 4300.0 if truth[77, 0] > 6500 else 8700.0
-    ref.labels[300, 0] = 4300.0 if truth[300, 0] > 6500 else 8700.0
-    ref.labels[380, 0] += 3000  # a synthetic spectrum is never an outlier
     cfg = TrainConfig(hidden=48, max_epochs=100, patience=40, seed=2)
+    held = reference_split(ref, cfg)["validation"]
+    held_bad = int(next(i for i in held if ref.source[i] == "empirical"))
+    bad = [5, 77, 300, held_bad]  # one of them a held-out star: flagged, never removed
+    for i in bad:
+        ref.labels[i, 0] = 4300.0 if truth[i, 0] > 6500 else 8700.0
+    ref.labels[380, 0] += 3000  # a synthetic spectrum is never an outlier
     out = train_reference_emulator(ref, train_config=cfg, fit_config=FitConfig(), outlier_chi2_ratio=4.0,
                                    progress=False)
     flagged = set(np.flatnonzero(out.outliers["outlier"].to_numpy()))
     assert set(bad) <= flagged
     assert len(flagged) <= len(bad) + 5  # a handful at most beyond the planted ones
     assert 380 not in flagged
-    assert len(out.reference) == 400 - len(flagged)
-    assert out.reference.cut_report["label_outliers"] == len(flagged)
+    # validation stars are flagged but never removed: they were drawn before the cleaning
+    in_val = out.outliers["validation"].to_numpy()
+    removed = set(np.flatnonzero(out.outliers["removed"].to_numpy()))
+    assert removed == {i for i in flagged if not in_val[i]}
+    assert len(out.reference) == 400 - len(removed)
+    assert out.reference.cut_report["label_outliers"] == len(removed)
+    kept_ids = set(out.reference.ids[out.split["validation"]])
+    assert set(ref.ids[in_val]) == kept_ids  # every held-out star is still held out
+    assert held_bad in flagged and held_bad not in removed
+    assert out.flagged.sum() == len(flagged) - len(removed)
     assert out.result.emulator.config["start_grid"]
     # the split survives the cleaning: still disjoint, validation never trained on
     s = out.split
@@ -81,3 +90,18 @@ def test_label_residuals_and_table():
     assert r["Teff > 6000 K"]["frac_teff_off_15pct"] == 0.5
     text = format_table1(r, LABELS, "t")
     assert "paper MAD" in text and "169.5" in text
+
+
+def test_failed_fits_are_catastrophic_not_dropped():
+    ref = np.array([[5000.0, 4.0, 0.0], [5200, 4.2, -0.1], [9000, 4.0, 0.1], [10000, 4.2, 0.0], [12000, 4.0, 0.0]])
+    fit = ref + np.array([[50, 0.1, 0.05], [-50, -0.1, 0.0], [270, 0.2, 0.3], [-300, 0.0, 0.1], [0, 0, 0]])
+    fit[4] = np.nan  # the fitter gave up on this hot star (status BAD_FIT/ERROR: NaN labels)
+    r = label_residuals(fit, ref, LABELS)
+    hot = r["Teff > 8000 K"]
+    assert hot["n"] == 2 and hot["n_failed"] == 1 and hot["n_total"] == 3
+    assert hot["frac_catastrophic"] == pytest.approx(1 / 3)  # the failure counts, it is not left out
+    assert hot["teff_rel_abs"] == pytest.approx(np.median([0.03, 0.03]))
+    assert hot["teff_rel_offset"] == pytest.approx(np.median([0.03, -0.03]))
+    assert r["all"]["n_failed"] == 1 and r["Teff < 6000 K"]["n_failed"] == 0
+    text = format_table1(r, LABELS, "t")
+    assert "Teff > 8000 K" in text and "failed" in text
