@@ -473,6 +473,29 @@ def _draw_points(grid: FerreGrid, plan: SyntheticPlan, n: int, config: Synthetic
     return lab, x
 
 
+def _points_at(grid: FerreGrid, plan: SyntheticPlan, labels: NDArray[np.float64], drawn: NDArray[np.float64]
+               ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Grid points at the given labels: the axes our labels read take the labels (in the
+    axis's scale, clipped to the grid); the other axes keep the ``drawn`` values."""
+    if labels.shape != (len(drawn), len(plan.label_names)):
+        raise ValueError(f"at_labels has shape {labels.shape}, expected ({len(drawn)}, {len(plan.label_names)})")
+    lo, hi = grid.label_range
+    x = drawn.copy()
+    for j, name in enumerate(plan.label_names):
+        if name in plan.label_axis:
+            a = plan.label_axis[name]
+            x[:, a] = _convert(labels[:, j], _our_quantity(name)[1], plan.axes[a].scale)
+    x = np.clip(x, lo, hi)
+    lab = labels.copy()
+    for j, name in enumerate(plan.label_names):
+        if name in plan.fixed:
+            lab[:, j] = plan.fixed[name]
+        else:
+            a = plan.label_axis[name]
+            lab[:, j] = _convert(x[:, a], plan.axes[a].scale, _our_quantity(name)[1])
+    return lab, x
+
+
 # ============================================================================ interpolation
 
 _DENSE_RATIO = 16  # dense GEMM when the grid has at most this many times the models of one stencil
@@ -638,7 +661,7 @@ def make_synthetic_reference(grid: FerreGrid, n: int, label_names: Sequence[str]
                              lsf_sigma_aa: ArrayLike, config: SyntheticConfig = SyntheticConfig(),
                              rng: np.random.Generator | int | None = None, wave: ArrayLike | None = None,
                              window: int = DEFAULT_WINDOW, min_count: int | None = 40,
-                             chunk: int = 256) -> ReferenceSet:
+                             chunk: int = 256, at_labels: ArrayLike | None = None) -> ReferenceSet:
     """``n`` synthetic reference spectra from ``grid`` (paper §2.4).
 
     Parameters
@@ -660,6 +683,12 @@ def make_synthetic_reference(grid: FerreGrid, n: int, label_names: Sequence[str]
         The normalization of the data (:func:`mastar_vac.normalize.normalize_spectra`).
     chunk
         Spectra processed at once (bounds the memory: chunk × grid pixels × 8 bytes).
+    at_labels
+        (n, L) labels (our units, ``label_names`` order) to make the spectra at instead of
+        drawing isochrone points — e.g. the empirical training labels, for a synthetic-only
+        emulator with the empirical label distribution (paper §5.2). The grid axes no label
+        reads are drawn as usual; labels outside the grid are clipped to it, so pass only
+        rows inside its range. Models with INVALID_CODE are dropped, not redrawn.
     """
     t0 = time.perf_counter()
     if n < 0:
@@ -699,6 +728,8 @@ def make_synthetic_reference(grid: FerreGrid, n: int, label_names: Sequence[str]
     noise_rng = np.random.default_rng(gen.integers(2**63))
 
     labels, points = _draw_points(grid, plan, n, config, gen)
+    if at_labels is not None:
+        labels, points = _points_at(grid, plan, np.asarray(at_labels, np.float64), points)
     flux = np.empty((n, w_out.size))
     redrawn = 0
     for s in range(0, n, chunk):
@@ -706,7 +737,7 @@ def make_synthetic_reference(grid: FerreGrid, n: int, label_names: Sequence[str]
         f = interp(points[s:e])
         bad = ~np.isfinite(f).all(axis=1)
         tries = 0
-        while bad.any() and tries < config.max_redraws:
+        while bad.any() and tries < config.max_redraws and at_labels is None:
             k = int(bad.sum())
             redrawn += k
             lab_k, pts_k = _draw_points(grid, plan, k, config, gen)

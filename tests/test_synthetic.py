@@ -364,3 +364,14 @@ def test_models_with_invalid_code_are_redrawn(grid: FerreGrid) -> None:
     assert len(r) + r.cut_report.get("dropped_invalid", 0) == 30
     assert np.all(np.isfinite(r.flux)) and len(r) > 0
     assert np.all(np.isfinite(interpolate(g, r.labels)))
+
+
+def test_spectra_at_given_labels(grid: FerreGrid, ref: ReferenceSet) -> None:
+    """``at_labels`` (the §5.2 synthetic-only set with the empirical label distribution):
+    spectra at exactly those labels, equal to the drawn ones at the same labels."""
+    at = ref.labels[[3, 11, 40]]
+    s = make_synthetic_reference(grid, 3, LABELS5, lsf_sigma_aa=SIGMA_T, at_labels=at)
+    np.testing.assert_allclose(s.labels, at, rtol=1e-12)
+    np.testing.assert_allclose(s.flux, ref.flux[[3, 11, 40]], rtol=2e-5, atol=2e-5)
+    with pytest.raises(ValueError, match="at_labels has shape"):
+        make_synthetic_reference(grid, 2, LABELS5, lsf_sigma_aa=SIGMA_T, at_labels=at)
