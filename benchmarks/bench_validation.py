@@ -11,8 +11,8 @@ the set is cut into ``--folds`` parts, an emulator is trained on the others (wit
 build's settings; a ninth of them for early stopping), and the held-out part is
 
 - fitted at S/N 50 exactly as in the build (Table 1), and
-- emulated at its reference labels and compared with the real MILES spectra of those
-  stars at MaStar resolution (Figure 5 fractions, as in bench_emulator).
+- emulated at its reference labels and compared with the real library spectra of those
+  stars at MaStar resolution (MILES; STELIB for STELIB-only stars) (Figure 5 fractions, as in bench_emulator).
 
 Printed: both over all stars, and the spread of the per-fold values.
 """
@@ -53,10 +53,10 @@ def main() -> None:
     emp = np.flatnonzero(ref.source == "empirical")
     rng = np.random.default_rng(cfg.run.seed)
     folds = np.array_split(rng.permutation(emp), args.folds)
-    from benchmarks.bench_emulator import miles_at_mastar_resolution
+    from benchmarks.bench_emulator import library_at_mastar_resolution
     from mastar_vac.demo import demo_files
 
-    miles_flux, miles_ivar = miles_at_mastar_resolution(ref.ids, demo_files().root)
+    miles_flux, miles_ivar = library_at_mastar_resolution(ref.ids, demo_files().root)
     fitted = np.full(ref.labels.shape, np.nan)
     per_fold = []
     accuracy = []  # flux_accuracy per fold (Figure 5 fractions)
@@ -97,7 +97,7 @@ def main() -> None:
     def pooled(b: str, key: str) -> float:
         return 100 * sum(a[b][key] * a[b]["n_pixels"] for a in accuracy if a[b]["n_pixels"]) / max(n_pix[b], 1)
 
-    print(f"\nFigure 5 fractions, every star held out once, against the real MILES spectra at MaStar resolution "
+    print(f"\nFigure 5 fractions, every star held out once, against the real library spectra at MaStar resolution "
           f"({n_pix['all']} pixels):")
     for b in n_pix:
         print(f"  {b:<12} within 2%: {pooled(b, 'within_2pct'):5.1f}%   within 4%: {pooled(b, 'within_4pct'):5.1f}%")
