@@ -51,6 +51,7 @@ def test_labels_parsed_and_dash_is_nan(spectra) -> None:  # noqa: ANN001
     wd = by["Feige110"]
     assert np.isnan([wd.teff, wd.logg, wd.feh]).all() and wd.hd is None
     assert sum(s.labelled for s in spectra) == 203
+    assert sum(s.av_dereddened > 0 for s in spectra) == 112 and by["HD002857"].av_dereddened == 0.25
     assert sum(np.isnan(s.teff) for s in spectra) == 36
 
 
