@@ -48,23 +48,44 @@ def noise_ceiling(ivar: np.ndarray, good: np.ndarray, t: float) -> float:
     return float(erf(t / (sig * np.sqrt(2))).mean())
 
 
-def miles_at_mastar_resolution(ids: np.ndarray, demo_root: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The MILES spectra of the demo stars ``ids`` at the nominal MaStar LSF, normalized
-    exactly like the data, without the simulated visit noise."""
-    from mastar_vac.demo import LsfModel, degrade_miles, load_mastarhc, load_miles
+def library_at_mastar_resolution(ids: np.ndarray, demo_root: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The library spectra of the demo stars ``ids`` at the nominal MaStar LSF, normalized
+    exactly like the data, without the simulated visit noise: MILES for MILES stars (a
+    star that is also in STELIB keeps its MILES spectrum, which stops at 7,400 Å), STELIB
+    for STELIB-only stars (with its gaps and telluric bands masked, as in the demo)."""
+    from mastar_vac.demo import (
+        LsfModel,
+        _telluric_pixels,
+        degrade_miles,
+        degrade_stelib,
+        load_mastarhc,
+        load_miles,
+        templates_dir,
+    )
+    from mastar_vac.io.stelib import read_stelib_dir
     from mastar_vac.normalize import normalize_spectra
 
     lab = pd.read_csv(demo_root / "miles_labels.csv")
-    miles_of = dict(zip(lab["mangaid"], lab["miles_id"]))
+    miles_of = {m: int(i) for m, i in zip(lab["mangaid"], lab["miles_id"]) if np.isfinite(i)}
+    stelib_of = {m: str(s).split(";")[0] for m, s, lib in zip(lab["mangaid"], lab["stelib_id"], lab["library"])
+                 if lib == "STELIB"}
     lib = load_miles()
     hc = load_mastarhc()
+    stelib = {s.name: s for s in read_stelib_dir(templates_dir() / "stelib")}
     model = LsfModel.from_resolution(lib.wave_air, np.median(np.asarray(hc.sres), axis=0))
+    tell = _telluric_pixels(model.wave)
     row = {int(i): k for k, i in enumerate(lib.ids)}
     flux, ivar = [], []
     for m in ids:
-        spec, bad = degrade_miles(lib.flux[row[int(miles_of[m])]], model, [1.0])
+        if m in miles_of:
+            spec, bad = degrade_miles(lib.flux[row[miles_of[m]]], model, [1.0])
+        elif m in stelib_of:
+            spec, bad = degrade_stelib(stelib[stelib_of[m]], model, [1.0])[:2]
+            bad = bad | tell[None, :]
+        else:
+            raise SystemExit(f"{m}: neither a MILES nor a STELIB star of the demo")
         f = np.where(np.isfinite(spec[0]), spec[0], 0.0)
-        # a nominal ivar only marks usable pixels (these spectra carry MILES' own noise only)
+        # a nominal ivar only marks usable pixels (these spectra carry the library's own noise only)
         iv = np.where(np.isfinite(spec[0]) & ~bad[0], 1e6 / np.nanmedian(spec[0]) ** 2, 0.0)
         nf, ni = normalize_spectra(f[None], iv[None])
         flux.append(nf[0])
@@ -87,11 +108,11 @@ def accuracy(demo_output: Path) -> None:
     from mastar_vac.demo import demo_files
 
     root = demo_files().root
-    flux, ivar = miles_at_mastar_resolution(ref.ids, root)
+    flux, ivar = library_at_mastar_resolution(ref.ids, root)
     print(f"emulator {emu.content_hash()[:12]}: {emu.n_hidden} hidden, {emu.activation}, "
           f"{int(emu.pixel_mask.sum())} of {emu.n_pixels} pixels modelled; "
           f"{len(split['train'])} train / {len(split['test'])} test / {len(split['validation'])} held-out stars")
-    print("\n1. against the real MILES spectra at MaStar resolution (no simulated noise)")
+    print("\n1. against the real MILES/STELIB spectra at MaStar resolution (no simulated noise)")
     print(format_diagnostic(emulator_diagnostic(emu, ref.labels, flux, ivar, split)))
     print("\n2. against the demo's co-added reference spectra (with simulated MaStar noise)")
     print(format_diagnostic(emulator_diagnostic(emu, ref.labels, ref.flux, ref.ivar, split)))

@@ -12,7 +12,7 @@ others (the build's settings, a ninth of them for early stopping) and the held-o
 - fitted **visit by visit, each at its own S/N** (the headline: what catalogue users
   get), failures counted as catastrophic;
 - fitted as co-adds degraded to S/N 50 (a second line, comparable with the paper);
-- emulated at its reference labels and compared with the real MILES spectra of those
+- emulated at its reference labels and compared with the real library spectra of those
   stars at MaStar resolution (Figure 5 fractions, real spectra only; synthetic spectra,
   when the build used a grid, are reported on their own line and never pooled).
 
@@ -75,10 +75,10 @@ def main() -> None:
     synth = np.flatnonzero(ref.source == "synthetic")
     rng = np.random.default_rng(cfg.run.seed)
     folds = np.array_split(rng.permutation(emp), args.folds)
-    from benchmarks.bench_emulator import miles_at_mastar_resolution
+    from benchmarks.bench_emulator import library_at_mastar_resolution
     from mastar_vac.demo import demo_files
 
-    miles_flux, miles_ivar = miles_at_mastar_resolution(ref.ids[emp], demo_files().root)
+    miles_flux, miles_ivar = library_at_mastar_resolution(ref.ids[emp], demo_files().root)
     miles_row = {int(i): k for k, i in enumerate(emp)}
     cube = open_cube(args.demo_output / "cube.zarr")
     visit_ids = cube["mangaid"].values.astype(str)
@@ -154,7 +154,7 @@ def main() -> None:
         return 100 * sum(a[b][key] * a[b]["n_pixels"] for a in accs if a[b]["n_pixels"]) / max(n, 1)
 
     bins = ["all", *(name for _, _, name in TEFF_BINS)]
-    print(f"\nFigure 5, real spectra: held-out stars' MILES spectra at MaStar resolution, every star held out once "
+    print(f"\nFigure 5, real spectra: held-out stars' library spectra (MILES; STELIB for STELIB-only stars) at MaStar resolution, every star held out once "
           f"({sum(a['all']['n_pixels'] for a in accuracy)} pixels):")
     for b in bins:
         print(f"  {b:<12} within 2%: {pooled(accuracy, b, 'within_2pct'):5.1f}%   "

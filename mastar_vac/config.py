@@ -52,11 +52,12 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class InputsConfig:
-    """Survey files. With ``demo = true`` the embedded MILES-based demo files are used
+    """Survey files. With ``demo = true`` the embedded MILES/STELIB-based demo files are used
     for every survey file left empty."""
 
     demo: bool = False
-    demo_stars: int | None = None  # limit the demo to its first N MILES stars (tests)
+    demo_stars: int | None = None  # limit the demo to its first N MILES stars, their STELIB visits and
+    #                                ⌈N·88/984⌉ STELIB-only stars (tests)
     goodspec: Path | None = None
     mastarall: Path | None = None
     allstar: Path | None = None
@@ -67,7 +68,7 @@ class InputsConfig:
     gaia_dr3: Path | None = None
     synthetic_grid: Path | None = None  # FERRE grid (.hdr/.unf or .dat) for the theoretical extension
     emulator: Path | None = None  # a saved emulator to use instead of training one
-    comparison_labels: Path | None = None  # CSV of published labels by MANGAID (the demo: the MILES catalogue)
+    comparison_labels: Path | None = None  # CSV of published labels by MANGAID (the demo: MILES/STELIB labels)
 
 
 @dataclass(frozen=True)

@@ -5,14 +5,24 @@ Nothing is downloaded. The spectra are real and ship with the PyPI package
 
 * ``miles/``: the MILES stellar library (0.9 Å pixels, FWHM 2.5 Å, air wavelengths) and
   its catalogue labels (Teff, log g, [Fe/H]) in ``MILES_params.db``;
+* ``stelib/``: the STELIB v3.2 library (255 files, ~1 Å pixels, FWHM ≈ 3.4 Å, air,
+  3,460–~9,600 Å with gaps, not telluric-corrected), labels in its FITS headers;
 * ``mastarhc/``: real MaStar spectra on the exact MaStar grid with their resolution
   (``SRES``), which give the target line-spread function.
 
 Each MILES star becomes a MaStar "star" with 1–5 visits: wavelengths air → vacuum,
 broadened to the MaStar LSF (scaled by a small per-visit factor, recorded in DISP),
 resampled onto the MaStar grid, scaled to a plausible flux and given noise at a drawn
-S/N. The MaStarHC spectra join as extra unlabelled targets. Around them the demo writes
-the catalogues the pipeline reads, in the DR17 layouts (``mastar_vac.io.layouts``):
+S/N. STELIB adds the red half of the MaStar range (to ~9,600 Å): a STELIB star that is
+also a MILES star (117 of them, matched by HD number) is the *same* demo star, its
+STELIB spectrum 1–3 more visits of it, so a star is in the training or the validation
+set whichever library a spectrum comes from; each labelled STELIB-only star (88) is a
+star of its own with 1–5 visits and STELIB's labels. STELIB is broadened only where it
+is sharper than the visit's LSF (redward of ~6,300 Å); where it is coarser it is left
+as it is and DISP records its σ. Its telluric bands (``TELLURIC_BANDS_AIR``) are masked
+with IVAR 0 and MASK bit 27 (BADFLUXFACTOR), its gaps and ends with NODATA. The
+MaStarHC spectra join as extra unlabelled targets. Around them the demo writes the
+catalogues the pipeline reads, in the DR17 layouts (``mastar_vac.io.layouts``):
 
 * ``mastar-goodspec-v3_1_1-v1_7_7.fits.gz``: the per-visit spectra;
 * ``mastarall-v3_1_1-v1_7_7.fits``: GOODSTARS and GOODVISITS;
@@ -21,13 +31,23 @@ the catalogues the pipeline reads, in the DR17 layouts (``mastar_vac.io.layouts`
   missing values;
 * ``mastarall-gaiaedr3-extcorr-simbad-ps1-v3_1_1-v1_7_7-v1.fits``: the Gaia crossmatch
   (identifiers and positions only; no photometry is invented);
-* ``miles_labels.csv``: MILES id, MANGAID and the catalogue labels, for validation;
+* ``miles_labels.csv``: one row per labelled-library star (MILES stars, then
+  STELIB-only stars): MANGAID, library (MILES, MILES+STELIB, STELIB), ids, the adopted
+  labels (teff, logg, fe_h: MILES's where the star is a MILES star) and each library's
+  own labels (miles_*, stelib_*), for validation and cross-library tests;
+* ``visit_sources.csv``: per goodspec row, the library (MILES, STELIB, MASTARHC) and
+  spectrum the visit is made from, and COARSER_BELOW: the reddest MaStar wavelength
+  (vacuum Å) where that spectrum's LSF is coarser than the visit's (0: nowhere);
 * ``manifest.json``: seed, versions, counts, file names and checksums.
 
 Everything follows from the seed: the same seed gives byte-identical files. Star-level
 draws (visits, S/N, LSF factors, noise) come from a generator seeded by
 ``(seed, star)``, so a demo limited to the first ``n_stars`` stars draws the same visits,
-S/N, LSF factors and noise for those stars as the full demo; population-level choices
+S/N, LSF factors and noise for those stars as the full demo; ``n_stars`` counts MILES
+stars: such a demo holds the first ``n_stars`` MILES stars (by id) with the STELIB
+visits of those among them that are STELIB stars, plus the first
+⌈n_stars·88/984⌉ labelled STELIB-only stars (by name), so that even a small test demo
+has STELIB-only stars; population-level choices
 (which visits get pixel problems, the flags, the APOGEE overlap) come from
 ``default_rng(seed)`` and do depend on ``n_stars``.
 
@@ -54,7 +74,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +87,7 @@ from .io.allstar import write_allstar
 from .io.gaia_xmatch import write_gaia_xmatch
 from .io.goodspec import write_goodspec
 from .io.mastarall import write_mastarall
+from .io.stelib import StelibSpectrum, hd_key, read_stelib_dir
 from .wavegrid import MASTAR_NPIX, air_to_vacuum, mastar_wavelength
 
 __all__ = [
@@ -80,6 +101,9 @@ __all__ = [
     "EXTRATARG_DUPLICATE",
     "MILES_FWHM",
     "MILES_SIGMA_PIX",
+    "STELIB_FWHM",
+    "TELLURIC_BANDS_AIR",
+    "TELLURIC_MASK_BIT",
     "DemoFiles",
     "MilesLibrary",
     "MaStarHC",
@@ -87,6 +111,10 @@ __all__ = [
     "default_cache_dir",
     "templates_dir",
     "read_miles_params",
+    "read_miles_names",
+    "StelibStars",
+    "select_stelib",
+    "degrade_stelib",
     "load_miles",
     "load_mastarhc",
     "degrade_miles",
@@ -98,7 +126,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Bumped whenever the content of the demo changes for a given seed (it names the cache dir).
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DEFAULT_SEED = 20221
 
 FILE_NAMES = {
@@ -107,11 +135,12 @@ FILE_NAMES = {
     "allstar": "allStar-dr17-synspec_rev1.fits",
     "gaia_xmatch": "mastarall-gaiaedr3-extcorr-simbad-ps1-v3_1_1-v1_7_7-v1.fits",
     "labels": "miles_labels.csv",
+    "visit_sources": "visit_sources.csv",
     "manifest": "manifest.json",
 }
 
 #: MANGA_DRP2PIXMASK bits the demo sets (datamodels.md §1.6).
-MASK_BITS = {"BADPIX": 15, "COSMIC": 16, "FULLREJECT": 19, "NODATA": 25}
+MASK_BITS = {"BADPIX": 15, "COSMIC": 16, "FULLREJECT": 19, "NODATA": 25, "BADFLUXFACTOR": 27}
 #: MASTAR_QUAL bits the demo sets in MJDQUAL (datamodels.md §1.5).
 MJDQUAL_BITS = {"EMLINE": 8, "LOWSN": 9}
 #: APOGEE bits the demo sets (datamodels.md §2).
@@ -125,6 +154,30 @@ EXTRATARG_DUPLICATE = 4
 MILES_FWHM = 2.5
 MILES_CDELT = 0.9
 MILES_SIGMA_PIX = MILES_FWHM * lsf.FWHM_TO_SIGMA / MILES_CDELT
+
+#: STELIB v3.2: FWHM ≈ 3.4 Å (air) at every wavelength, ~1 Å pixels, each file its own scale.
+#: Coarser than the MaStar LSF blueward of ~6,300 Å, finer redward.
+STELIB_FWHM = 3.4
+#: Telluric absorption bands (air Å) that STELIB, unlike MILES, is not corrected for.
+#: Masked (IVAR 0) in STELIB visits. Measured as the median STELIB/MILES ratio (both at
+#: 3.4 Å, continuum-normalized) over the shared stars: O₂ γ 4%, O₂ B 27%, H₂O at 7,186 Å
+#: 4% deep, nothing else above 1.5% redward of 5,000 Å. Beyond MILES (7,400 Å) the bands
+#: are the standard ones (O₂ A is deeper than B; H₂O 8,130–8,350 Å ~10%, 8,940–9,800 Å
+#: tens of %). At the 2–4% accuracy the emulator is judged by, each would be learnt as
+#: stellar.
+TELLURIC_BANDS_AIR: tuple[tuple[float, float, str], ...] = (
+    (6270.0, 6330.0, "O2 gamma"),
+    (6860.0, 6960.0, "O2 B"),
+    (7160.0, 7340.0, "H2O"),
+    (7590.0, 7700.0, "O2 A"),
+    (8130.0, 8350.0, "H2O"),
+    (8940.0, 9800.0, "H2O"),
+)
+#: The mask bit of telluric pixels: MANGA_DRP2PIXMASK 27 BADFLUXFACTOR. The DRP applies
+#: its telluric correction as part of the flux-calibration factor, so "no usable fluxing
+#: factor here" is what an uncorrected telluric pixel is; none of the other bits (sky,
+#: cosmic, coverage) describes it, and NODATA would claim the pixel was not observed.
+TELLURIC_MASK_BIT = MASK_BITS["BADFLUXFACTOR"]
 
 _MILES_FILE = "MILES_res2.50_star_m{:04d}V.fits"
 _MILES_PLACEHOLDERS = (99999.0, 9999.0)
@@ -148,6 +201,7 @@ class DemoFiles:
     allstar: Path
     gaia_xmatch: Path
     labels: Path
+    visit_sources: Path
     manifest: Path
 
     @classmethod
@@ -179,7 +233,7 @@ def templates_dir() -> Path:
     except ImportError as exc:  # pragma: no cover - it is a dependency
         raise MastarVacError("the demo needs the package sdss-mangadap (pip install sdss-mangadap)") from exc
     d = Path(mangadap.__file__).parent / "data" / "spectral_templates"
-    for sub in ("miles", "mastarhc"):
+    for sub in ("miles", "mastarhc", "stelib"):
         if not (d / sub).is_dir():
             raise MastarVacError(f"{d / sub}: not found; the installed sdss-mangadap lacks its template data")
     return d
@@ -248,22 +302,60 @@ def read_miles_params(path: str | os.PathLike[str],
             v = float(p)
             vals.append(np.nan if v in _MILES_PLACEHOLDERS else v)
         rows.append((parts[0], *vals))
-    out: dict[int, tuple[float, float, float]] = {}
-    odd: list[tuple[str, float, float, float]] = []
-    for tok, *vals in rows:
+    return _resolve_miles_ids([(tok, tuple(vals)) for tok, *vals in rows], known_ids,  # type: ignore[return-value]
+                              "MILES_params.db")
+
+
+def _resolve_miles_ids(rows: Sequence[tuple[str, object]], known_ids: Sequence[int] | None,
+                       what: str) -> dict[int, object]:
+    """id token → value, with misprinted ids ("022.") resolved against ``known_ids``."""
+    out: dict[int, object] = {}
+    odd: list[tuple[str, object]] = []
+    for tok, val in rows:
         if tok.isdigit():
-            out[int(tok)] = tuple(vals)  # type: ignore[assignment]
+            out[int(tok)] = val
         else:
-            odd.append((tok, *vals))
-    for tok, *vals in odd:
+            odd.append((tok, val))
+    for tok, val in odd:
         pattern = re.compile(re.escape(tok).replace(r"\.", r"\d"))
         pool = [i for i in (known_ids or []) if i not in out and pattern.fullmatch(f"{i:04d}")]
         if len(pool) == 1:
-            log.debug("MILES_params.db: id %r read as %04d", tok, pool[0])
-            out[pool[0]] = tuple(vals)  # type: ignore[assignment]
+            log.debug("%s: id %r read as %04d", what, tok, pool[0])
+            out[pool[0]] = val
         else:
-            log.warning("MILES_params.db: cannot resolve the id %r (candidates %s); row dropped", tok, pool)
+            log.warning("%s: cannot resolve the id %r (candidates %s); row dropped", what, tok, pool)
     return out
+
+
+def read_miles_names(path: str | os.PathLike[str], known_ids: Sequence[int] | None = None) -> dict[int, str]:
+    """MILES id → star name ("HD000004", "BD+002058A", "NGC 7789 468(589) Cl") from
+    ``paramsMILES_v9.1.txt``.
+
+    The file is fixed-width: the name in columns 1–23 (it may hold spaces and digits, so
+    it cannot be split on blanks), the MILES id in columns 24–27. The misprinted id is
+    resolved as in :func:`read_miles_params`.
+    """
+    from .errors import InputFileError
+
+    p = Path(path)
+    rows: list[tuple[str, object]] = []
+    for n, line in enumerate(p.read_text().splitlines()):
+        if n < 3 or not line.strip():  # two header lines and a rule
+            continue
+        tok = line[23:27]
+        if not re.fullmatch(r"[\d.]{4}", tok):
+            raise InputFileError(p, f"line {n + 1}: no MILES id in columns 24-27 ({line[:40]!r})", row=n,
+                                 column="MILES", expected="the fixed-width layout of paramsMILES_v9.1.txt")
+        rows.append((tok, line[:23].strip()))
+    return _resolve_miles_ids(rows, known_ids, p.name)  # type: ignore[return-value]
+
+
+def _miles_files(d: Path) -> dict[int, Path]:
+    files = {int(m.group(1)): p for p in d.glob("MILES_res2.50_star_m*V.fits")
+             if (m := re.fullmatch(r"MILES_res2\.50_star_m(\d{4})V\.fits", p.name))}
+    if not files:
+        raise MastarVacError(f"{d}: no MILES spectra found")
+    return files
 
 
 def load_miles(n_stars: int | None = None, *, directory: Path | None = None) -> MilesLibrary:
@@ -275,10 +367,7 @@ def load_miles(n_stars: int | None = None, *, directory: Path | None = None) -> 
     from astropy.io import fits
 
     d = (directory or templates_dir()) / "miles"
-    files = {int(m.group(1)): p for p in d.glob("MILES_res2.50_star_m*V.fits")
-             if (m := re.fullmatch(r"MILES_res2\.50_star_m(\d{4})V\.fits", p.name))}
-    if not files:
-        raise MastarVacError(f"{d}: no MILES spectra found")
+    files = _miles_files(d)
     ids = sorted(files)
     if n_stars is not None:
         if n_stars < 1:
@@ -402,6 +491,131 @@ def degrade_miles(flux: NDArray[np.float64], model: LsfModel,
 
 
 # --------------------------------------------------------------------------------------
+# STELIB → MaStar
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StelibStars:
+    """The STELIB spectra a demo uses, grouped into demo stars.
+
+    ``shared`` maps a MILES id to the STELIB spectra of that same star (matched by HD
+    number and component); ``only`` lists the STELIB-only stars as (key, name, spectra),
+    ``key`` being the star's position among all labelled STELIB-only stars (it seeds the
+    star's draws, so a star's data do not depend on ``n_stars``).
+    """
+
+    spectra: tuple[StelibSpectrum, ...]
+    shared: dict[int, list[int]]
+    only: list[tuple[int, str, list[int]]]
+    library_files: int  # STELIB files shipped
+    library_overlap_stars: int  # STELIB stars that are MILES stars (whole libraries)
+    library_only_labelled: int  # labelled STELIB-only stars (whole library)
+
+
+def _star_name(spec: StelibSpectrum) -> str:
+    """A STELIB star's name without the observation tag ("HD053929lp" → "HD053929")."""
+    return re.sub(r"[a-z]+$", "", spec.name) if spec.hd else spec.name
+
+
+def select_stelib(spectra: Sequence[StelibSpectrum], miles_names: dict[int, str], demo_miles_ids: Sequence[int],
+                  n_stars: int | None) -> StelibStars:
+    """Which STELIB spectra join a demo of ``n_stars`` MILES stars, and as which stars.
+
+    * A STELIB spectrum of a MILES star (``miles_names`` covers the whole MILES library,
+      so a match is never mistaken for a STELIB-only star) joins when that MILES star is
+      in the demo, labelled in STELIB or not: it is more visits of the MILES star.
+    * A STELIB-only star joins when STELIB gives all of Teff, log g and [Fe/H]: it is
+      in the demo to be learnt and fitted. The full demo has all of them; a demo of the
+      first ``n_stars`` MILES stars has the first ⌈n_stars·N_only/N_MILES⌉ (by file
+      name), so small test demos still hold one.
+    """
+    hd_to_miles: dict[str, int] = {}
+    for i, name in miles_names.items():
+        k = hd_key(name)
+        if k is not None:
+            if k in hd_to_miles:
+                log.warning("MILES: HD designation %s names two spectra (m%04d, m%04d); the first is used", k,
+                            hd_to_miles[k], i)
+                continue
+            hd_to_miles[k] = i
+    in_demo = set(int(i) for i in demo_miles_ids)
+    shared: dict[int, list[int]] = {}
+    only_groups: dict[str, list[StelibSpectrum]] = {}
+    used: list[StelibSpectrum] = []
+    overlap: set[int] = set()
+    for spec in spectra:
+        mid = hd_to_miles.get(spec.hd) if spec.hd else None
+        if mid is not None:
+            overlap.add(mid)
+            if mid in in_demo:
+                shared.setdefault(mid, []).append(len(used))
+                used.append(spec)
+        elif spec.labelled:
+            only_groups.setdefault(_star_name(spec), []).append(spec)
+    names = sorted(only_groups)
+    n_only = len(names)
+    if n_stars is not None:
+        n_only = min(n_only, int(np.ceil(len(names) * min(len(in_demo), len(miles_names)) / max(len(miles_names), 1))))
+    only: list[tuple[int, str, list[int]]] = []
+    for key, name in enumerate(names[:n_only]):
+        group = only_groups[name]
+        only.append((key, name, list(range(len(used), len(used) + len(group)))))
+        used.extend(group)
+    return StelibStars(tuple(used), shared, only, library_files=len(spectra), library_overlap_stars=len(overlap),
+                       library_only_labelled=len(names))
+
+
+def _telluric_pixels(wave_vac: NDArray[np.float64]) -> NDArray[np.bool_]:
+    """MaStar pixels inside a telluric band (the bands are in air, the grid in vacuum)."""
+    out = np.zeros(wave_vac.shape, bool)
+    for lo, hi, _ in TELLURIC_BANDS_AIR:
+        a, b = air_to_vacuum(np.array([lo, hi]))
+        out |= (wave_vac >= a) & (wave_vac <= b)
+    return out
+
+
+def degrade_stelib(spec: StelibSpectrum, model: LsfModel, factors: Sequence[float] | NDArray[np.float64]
+                   ) -> tuple[NDArray[np.float64], NDArray[np.bool_], NDArray[np.float64], NDArray[np.float64]]:
+    """One STELIB spectrum → noiseless MaStar-grid spectra, one per LSF factor.
+
+    Wavelengths air → vacuum; broadened with the exact-discrete-variance kernel only
+    where STELIB (σ = 3.4 Å FWHM) is sharper than ``factor``·σ_target; where it is
+    coarser (the blue) it is left as it is. Gaps and ends (zero flux) are bridged before
+    broadening, so they leak no dips, and reported as ``nodata``: MaStar pixels outside
+    the spectrum or drawing more than 5% of their broadened flux from a gap.
+
+    Returns ``(spectra, nodata, disp, coarser_below)``: spectra (len(factors), 4563), NaN
+    outside the STELIB range; the per-visit DISP = max(factor·σ_target, σ_STELIB) in
+    vacuum Å; and per visit the reddest MaStar wavelength where STELIB is coarser than
+    factor·σ_target (0 if nowhere).
+    """
+    wv = air_to_vacuum(spec.wave_air)
+    dlam_vac = np.gradient(wv)
+    sig_air_pix = STELIB_FWHM * lsf.FWHM_TO_SIGMA / np.gradient(spec.wave_air)
+    target_pix = np.interp(wv, model.wave, model.target_sigma) / dlam_vac  # flat beyond the MaStar ends
+    # STELIB's σ in vacuum Å on the MaStar grid: the same in pixels, so it scales with the pixel width.
+    stelib_sigma = np.interp(model.wave, wv, sig_air_pix * dlam_vac)
+    cov = spec.covered
+    f = spec.flux.copy()
+    idx = np.arange(f.size)
+    f[~cov] = np.interp(idx[~cov], idx[cov], f[cov])
+    out, nodata = [], []
+    disp, coarser = [], []
+    for x in factors:
+        extra = np.sqrt(np.maximum((float(x) * target_pix) ** 2 - sig_air_pix**2, 0.0))
+        b = lsf.rebin(wv, lsf.broaden(f, extra), model.wave)
+        gap = lsf.rebin(wv, lsf.broaden((~cov).astype(np.float64), extra), model.wave)
+        out.append(b)
+        nodata.append(~np.isfinite(b) | (np.nan_to_num(gap, nan=1.0) > 0.05))
+        tgt = model.target_sigma * float(x)
+        disp.append(np.maximum(tgt, stelib_sigma))
+        c = np.flatnonzero(stelib_sigma > tgt)
+        coarser.append(float(model.wave[c[-1]]) if len(c) else 0.0)
+    return np.array(out), np.array(nodata), np.array(disp), np.array(coarser)
+
+
+# --------------------------------------------------------------------------------------
 # Draws
 # --------------------------------------------------------------------------------------
 
@@ -421,8 +635,8 @@ def _draw_snr(rng: np.random.Generator, n: int) -> NDArray[np.float64]:
 @dataclass
 class _Star:
     mangaid: str
-    kind: str  # "miles" | "hc"
-    index: int  # into the MILES library or the HC list
+    kind: str  # "miles" | "stelib" (a STELIB-only star) | "hc"
+    index: int  # into the MILES library, the StelibStars.only list or the HC list
     ra: float
     dec: float
     scale: float  # median flux level, 1e-17 erg/s/cm2/A
@@ -435,16 +649,27 @@ class _Star:
     rv: float
     rv_err: NDArray[np.float64]
     rng: np.random.Generator  # continues with the noise of this star's visits
+    # Per visit: the library and the spectrum (index into the MILES library, the
+    # StelibStars spectra or the HC list) it is made from.
+    library: list[str] = field(default_factory=list)
+    source: list[int] = field(default_factory=list)
+    # The generator of the STELIB visits added to a MILES star (their noise), kept apart
+    # so that the MILES visits of a shared star are those of a MILES-only demo.
+    extra_rng: np.random.Generator | None = None
 
     @property
     def nvis(self) -> int:
         return len(self.mjds)
 
+    def noise_rng(self, library: str) -> np.random.Generator:
+        return self.extra_rng if (library == "STELIB" and self.kind == "miles" and self.extra_rng is not None) \
+            else self.rng
+
 
 def _draw_star(seed: int, kind: str, key: int, index: int, mangaid: str, nvis: int | None) -> _Star:
     # One generator per star, so that a star's data does not depend on how many stars
     # the demo holds (n_stars) or on the order they are built in.
-    rng = np.random.default_rng([seed, 1 if kind == "miles" else 2, key])
+    rng = np.random.default_rng([seed, {"miles": 1, "hc": 2, "stelib": 3}[kind], key])
     n = min(1 + int(rng.poisson(1.4)), 5) if nvis is None else nvis
     scale = 10.0 ** rng.uniform(0.5, 2.5)
     ra = float(rng.uniform(0.0, 360.0))
@@ -462,8 +687,43 @@ def _draw_star(seed: int, kind: str, key: int, index: int, mangaid: str, nvis: i
     mjds = np.sort(rng.choice(np.arange(57000, 59001), n, replace=False))
     rv = float(rng.normal(0.0, 40.0))
     rv_err = rng.uniform(0.3, 3.0, n)
+    library = {"miles": "MILES", "hc": "MASTARHC", "stelib": "STELIB"}[kind]
     return _Star(mangaid, kind, index, ra, dec, scale, plates, [str(x) for x in ifus], mjds, snr, factor,
-                 nexp, rv, rv_err, rng)
+                 nexp, rv, rv_err, rng, library=[library] * n, source=[index] * n)
+
+
+def _add_stelib_visits(st: _Star, seed: int, miles_id: int, spectra: Sequence[int]) -> None:
+    """Give a MILES star 1–3 more visits per STELIB spectrum of it (new plates and MJDs)."""
+    rng = np.random.default_rng([seed, 4, miles_id])
+    n_each = np.minimum(1 + rng.poisson(0.5, len(spectra)), 3)
+    n = int(n_each.sum())
+    free = np.setdiff1d(np.arange(57000, 59001), st.mjds)
+    mjds = np.sort(rng.choice(free, n, replace=False))
+    st.mjds = np.concatenate([st.mjds, mjds])
+    st.snr = np.concatenate([st.snr, _draw_snr(rng, n)])
+    st.factor = np.concatenate([st.factor, np.clip(1.0 + 0.03 * rng.standard_normal(n), 0.93, 1.07)])
+    st.nexp = np.concatenate([st.nexp, rng.integers(3, 9, n)])
+    st.plates = np.concatenate([st.plates, rng.integers(8000, 12000, n)])
+    st.ifus = st.ifus + [str(x) for x in rng.choice(_IFUDESIGNS, n)]
+    st.rv_err = np.concatenate([st.rv_err, rng.uniform(0.3, 3.0, n)])
+    st.library = st.library + ["STELIB"] * n
+    st.source = st.source + [int(s) for s, k in zip(spectra, n_each) for _ in range(int(k))]
+    st.extra_rng = rng
+
+
+def _assign_stelib_spectra(st: _Star, spectra: Sequence[int]) -> None:
+    """A STELIB-only star's visits cycle through its spectra (HD053929 has two); it gets
+    at least one visit per spectrum."""
+    if st.nvis < len(spectra):  # redraw nothing: repeat the last visit's setup on new MJDs
+        extra = len(spectra) - st.nvis
+        free = np.setdiff1d(np.arange(57000, 59001), st.mjds)
+        st.mjds = np.concatenate([st.mjds, free[-extra:]])
+        for name in ("snr", "factor", "nexp", "plates", "rv_err"):
+            a = getattr(st, name)
+            setattr(st, name, np.concatenate([a, np.repeat(a[-1:], extra)]))
+        st.ifus = st.ifus + st.ifus[-1:] * extra
+    st.library = ["STELIB"] * st.nvis
+    st.source = [int(spectra[j % len(spectra)]) for j in range(st.nvis)]
 
 
 def _round_mantissa(a: NDArray, bits: int) -> NDArray[np.float32]:
@@ -484,6 +744,11 @@ def _at_least(frac: float, n: int, minimum: int = 1) -> int:
 
 def _miles_mangaid(miles_id: int) -> str:
     return f"3-{100000000 + (int(miles_id) * 137) % 9000000}"
+
+
+def _stelib_mangaid(key: int) -> str:
+    # Apart from the MILES range (100000000–108999999), so the two never collide.
+    return f"3-{120000000 + (int(key) * 7919) % 9000000}"
 
 
 def _apogee_id(ra: float, dec: float) -> str:
@@ -538,23 +803,30 @@ class _Spectra:
     mask: NDArray[np.int32]
     disp: NDArray[np.float32]
     s2n: NDArray[np.float32]
+    coarser_below: NDArray[np.float64]  # per visit: reddest λ where the library LSF is coarser (0: nowhere)
 
     def take(self, order: NDArray[np.int64]) -> None:
-        for name in ("flux", "ivar", "mask", "disp", "s2n"):
+        for name in ("flux", "ivar", "mask", "disp", "s2n", "coarser_below"):
             setattr(self, name, getattr(self, name)[order])
 
 
-def _simulate_spectra(stars: list[_Star], lib: MilesLibrary, hc: MaStarHC, model: LsfModel) -> _Spectra:
+def _simulate_spectra(stars: list[_Star], lib: MilesLibrary, stelib: StelibStars, hc: MaStarHC,
+                      model: LsfModel) -> _Spectra:
     """Every visit's FLUX, IVAR, MASK, DISP and S2N, in star order."""
     nv = sum(st.nvis for st in stars)
     sp = _Spectra(np.zeros((nv, MASTAR_NPIX), np.float32), np.zeros((nv, MASTAR_NPIX), np.float32),
                   np.zeros((nv, MASTAR_NPIX), np.int32), np.zeros((nv, MASTAR_NPIX), np.float32),
-                  np.zeros(nv, np.float32))
-    nodata = np.int32(1 << MASK_BITS["NODATA"])
+                  np.zeros(nv, np.float32), np.zeros(nv))
+    nodata_bit = np.int32(1 << MASK_BITS["NODATA"])
     badpix = np.int32(1 << MASK_BITS["BADPIX"])
+    telluric = _telluric_pixels(model.wave)
+    # The flux scale of every labelled visit is set on the MILES range (vacuum), so that a
+    # star's MILES and STELIB visits have the same level where both have data.
+    miles_range = model.wave <= model.miles_wave[-1]
     row = 0
     for st in stars:
         rows = slice(row, row + st.nvis)
+        row0 = row
         row += st.nvis
         if st.kind == "hc":
             k = st.index
@@ -566,19 +838,39 @@ def _simulate_spectra(stars: list[_Star], lib: MilesLibrary, hc: MaStarHC, model
             sp.disp[rows] = _round_mantissa(lsf.sigma_from_resolution(model.wave, hc.sres[k]), 10)
             sp.s2n[rows] = np.median(fl[ok] * np.sqrt(iv[ok])) if ok.any() else 0.0
             continue
-        true, bad = degrade_miles(lib.flux[st.index], model, st.factor)
-        covered = np.isfinite(true[0])  # the same MILES range for every visit
-        true = np.where(covered, true, 0.0) * (st.scale / np.median(true[0][covered & ~bad[0]]))
-        noise = st.rng.standard_normal(true.shape)
-        use = covered & ~bad
-        fmed = np.array([np.median(t[u]) for t, u in zip(true, use)])[:, None]
-        # median per-pixel S/N = snr: σ² = (F_med/snr)² (0.5 + 0.5 F/F_med), Poisson part ≥ 0
-        var = (fmed / st.snr[:, None]) ** 2 * (0.5 + 0.5 * np.maximum(true, 0.0) / fmed)
-        sp.flux[rows] = np.where(covered, true + np.sqrt(var) * noise, 0.0)
-        sp.ivar[rows] = np.where(use, 1.0 / var, 0.0)
-        sp.mask[rows] = np.where(covered, 0, nodata) | np.where(bad & covered, badpix, 0)
-        sp.disp[rows] = np.stack([_round_mantissa(model.disp(f), 10) for f in st.factor])
-        sp.s2n[rows] = st.snr
+        # One group per source spectrum, in the order the visits were drawn (MILES first),
+        # so that the noise each group draws is the same whatever else the star has.
+        groups = list(dict.fromkeys(zip(st.library, st.source)))
+        for library, src in groups:
+            j = np.array([i for i, key in enumerate(zip(st.library, st.source)) if key == (library, src)])
+            factors, snr = st.factor[j], st.snr[j]
+            if library == "MILES":
+                true, bad = degrade_miles(lib.flux[src], model, factors)
+                covered = np.isfinite(true)
+                use = covered & ~bad
+                disp = np.stack([model.disp(f) for f in factors])
+                mask = np.where(covered, 0, nodata_bit) | np.where(bad & covered, badpix, 0)
+                coarser = np.array([float(model.wave[c[-1]]) if len(c := np.flatnonzero(
+                    model.miles_sigma > model.target_sigma * f)) else 0.0 for f in factors])
+            else:
+                true, nodata, disp, coarser = degrade_stelib(stelib.spectra[src], model, factors)
+                covered = ~nodata
+                tell = covered & telluric
+                use = covered & ~tell
+                mask = np.where(covered, 0, nodata_bit) | np.where(tell, np.int32(1 << TELLURIC_MASK_BIT), 0)
+            norm = use & miles_range
+            true = np.where(covered, true, 0.0) * (st.scale / np.median(true[0][norm[0]]))
+            noise = st.noise_rng(library).standard_normal(true.shape)
+            fmed = np.array([np.median(t[u]) for t, u in zip(true, use)])[:, None]
+            # median per-pixel S/N = snr: σ² = (F_med/snr)² (0.5 + 0.5 F/F_med), Poisson part ≥ 0
+            var = (fmed / snr[:, None]) ** 2 * (0.5 + 0.5 * np.maximum(true, 0.0) / fmed)
+            r = row0 + j
+            sp.flux[r] = np.where(covered, true + np.sqrt(var) * noise, 0.0)
+            sp.ivar[r] = np.where(use, 1.0 / var, 0.0)
+            sp.mask[r] = mask
+            sp.disp[r] = np.stack([_round_mantissa(d, 10) for d in disp])
+            sp.s2n[r] = snr
+            sp.coarser_below[r] = coarser
     return sp
 
 
@@ -633,20 +925,35 @@ def build_demo(out_dir: str | os.PathLike[str], *, seed: int = DEFAULT_SEED, n_s
     tdir = templates_dir()
     lib = load_miles(n_stars, directory=tdir)
     hc = load_mastarhc(directory=tdir)
+    all_miles = sorted(_miles_files(tdir / "miles"))
+    miles_names = {i: n for i, n in read_miles_names(tdir / "miles" / "paramsMILES_v9.1.txt", all_miles).items()
+                   if i in set(all_miles)}
+    stelib = select_stelib(read_stelib_dir(tdir / "stelib"), miles_names, lib.ids, n_stars)
     model = LsfModel.from_resolution(lib.wave_air, np.median(hc.sres, axis=0))
-    log.info("demo: %d MILES stars, %d MaStarHC spectra (%.1f s to load)", len(lib.ids), len(hc.names),
-             time.perf_counter() - t0)
+    log.info("demo: %d MILES stars, %d STELIB spectra (%d of MILES stars, %d STELIB-only stars), %d MaStarHC "
+             "spectra (%.1f s to load)", len(lib.ids), len(stelib.spectra), len(stelib.shared), len(stelib.only),
+             len(hc.names), time.perf_counter() - t0)
 
     # ---- stars, visits, spectra ----------------------------------------------------------
+    # Star order: MILES stars (with the STELIB visits of the shared ones), STELIB-only
+    # stars, MaStarHC targets. The first n_lab stars are the labelled-library stars.
     stars = [_draw_star(seed, "miles", int(i), k, _miles_mangaid(int(i)), None) for k, i in enumerate(lib.ids)]
+    for k, i in enumerate(lib.ids):
+        if int(i) in stelib.shared:
+            _add_stelib_visits(stars[k], seed, int(i), stelib.shared[int(i)])
+    for k, (key, _name, spectra) in enumerate(stelib.only):
+        st = _draw_star(seed, "stelib", key, k, _stelib_mangaid(key), None)
+        _assign_stelib_spectra(st, spectra)
+        stars.append(st)
     stars += [_draw_star(seed, "hc", int(nm), k, f"hc-{nm}", 1) for k, nm in enumerate(hc.names)]
     n_miles, ns = len(lib.ids), len(stars)
+    n_lab = n_miles + len(stelib.only)
     star_of_visit = np.repeat(np.arange(ns), [st.nvis for st in stars])
     visit_in_star = np.concatenate([np.arange(st.nvis) for st in stars])
     nv = len(star_of_visit)
-    specials = _choose_specials(rng, stars, n_miles, star_of_visit)
+    specials = _choose_specials(rng, stars, n_lab, star_of_visit)
     t1 = time.perf_counter()
-    sp = _simulate_spectra(stars, lib, hc, model)
+    sp = _simulate_spectra(stars, lib, stelib, hc, model)
     _add_pixel_problems(rng, sp, specials)
     log.info("demo: %d visit spectra simulated in %.1f s", nv, time.perf_counter() - t1)
 
@@ -690,6 +997,10 @@ def build_demo(out_dir: str | os.PathLike[str], *, seed: int = DEFAULT_SEED, n_s
     # ---- per-star tables -------------------------------------------------------------------
     labels = np.full((ns, 3), np.nan)
     labels[:n_miles] = np.column_stack([lib.teff, lib.logg, lib.feh])
+    for k, (_key, _name, spectra) in enumerate(stelib.only):
+        first = stelib.spectra[spectra[0]]
+        labels[n_miles + k] = (first.teff, first.logg, first.feh)
+    source_name = np.array(["MILES"] * n_miles + ["STELIB"] * len(stelib.only) + [""] * (ns - n_lab))
     mangaid = np.array([st.mangaid for st in stars])
     star_ra = np.array([st.ra for st in stars])
     star_dec = np.array([st.dec for st in stars])
@@ -703,7 +1014,7 @@ def build_demo(out_dir: str | os.PathLike[str], *, seed: int = DEFAULT_SEED, n_s
         "INPUT_TEFF": np.where(np.isfinite(labels[:, 0]), labels[:, 0], -999.0),
         "INPUT_LOGG": np.where(np.isfinite(labels[:, 1]), labels[:, 1], -999.0),
         "INPUT_FE_H": np.where(np.isfinite(labels[:, 2]), labels[:, 2], -999.0),
-        "INPUT_SOURCE": np.where(np.isfinite(labels).any(axis=1), "MILES", ""),
+        "INPUT_SOURCE": np.where(np.isfinite(labels).any(axis=1), source_name, ""),
     }
     star_order = np.argsort(mangaid, kind="stable")
 
@@ -721,28 +1032,36 @@ def build_demo(out_dir: str | os.PathLike[str], *, seed: int = DEFAULT_SEED, n_s
         "GAIA_CLEANMATCH": (rng.random(ns) < 0.95).astype(np.int16),
     }
 
-    allstar, astats = _allstar(rng, lib, stars[:n_miles], source_id[:n_miles])
+    allstar, astats = _allstar(rng, labels[:n_lab], stars[:n_lab], source_id[:n_lab])
 
     # ---- write -----------------------------------------------------------------------------
     t2 = time.perf_counter()
     hdr = {"DEMO": (True, "mastar_vac demo data, not survey data"), "DEMOSEED": seed,
-           "DEMOVER": FORMAT_VERSION, "DEMOSRC": "MILES + MaStarHC (sdss-mangadap)"}
+           "DEMOVER": FORMAT_VERSION, "DEMOSRC": "MILES + STELIB + MaStarHC (sdss-mangadap)"}
     files = DemoFiles.at(out)
     write_goodspec(files.goodspec, {**visits, "FLUX": sp.flux, "IVAR": sp.ivar, "MASK": sp.mask,
                                     "DISP": sp.disp, "PREDISP": sp.disp}, header=hdr)
     write_mastarall(files.mastarall, {k: v[star_order] for k, v in goodstars.items()}, visits, header=hdr)
     write_allstar(files.allstar, allstar)
     write_gaia_xmatch(files.gaia_xmatch, {k: v[star_order] for k, v in gaia.items()})
-    _write_labels(files.labels, lib)
+    _write_labels(files.labels, lib, miles_names, stelib, stars[:n_lab])
+    _write_visit_sources(files.visit_sources, visits, stars, star_of_visit[order], visit_in_star[order],
+                         stelib, lib, hc, sp.coarser_below)
     log.info("demo: files written in %.1f s", time.perf_counter() - t2)
 
     def nbit(values: NDArray, bit: int) -> int:
         return int(((values & (1 << bit)) != 0).sum())
 
+    vis_lib = np.array([stars[s].library[j] for s, j in zip(star_of_visit, visit_in_star)])
     counts = {
         "stars": ns, "miles_stars": n_miles, "hc_stars": len(hc.names),
         "miles_labelled": int(lib.labelled.sum()),
-        "visits": nv, "miles_visits": int((star_of_visit < n_miles).sum()),
+        "stelib_spectra": len(stelib.spectra), "stelib_shared_stars": len(stelib.shared),
+        "stelib_only_stars": len(stelib.only),
+        "stelib_library_files": stelib.library_files, "stelib_library_overlap_stars": stelib.library_overlap_stars,
+        "stelib_library_only_labelled_stars": stelib.library_only_labelled,
+        "visits": nv, "miles_visits": int((vis_lib == "MILES").sum()),
+        "stelib_visits": int((vis_lib == "STELIB").sum()), "hc_visits": int((vis_lib == "MASTARHC").sum()),
         "visits_snr_ge_50": int((sp.s2n >= 50).sum()),
         "visits_lowsn": nbit(mjdqual, MJDQUAL_BITS["LOWSN"]),
         "visits_emline": nbit(mjdqual, MJDQUAL_BITS["EMLINE"]),
@@ -766,7 +1085,12 @@ def build_demo(out_dir: str | os.PathLike[str], *, seed: int = DEFAULT_SEED, n_s
             "nan_flux_visit_rows": sorted(int(row_of[v]) for v in specials.nan_visits),
         },
         "lsf": {"target": "median SRES of the MaStarHC spectra",
-                "visit_factor": "1 + N(0, 0.03), clipped to [0.93, 1.07]", "miles_fwhm_angstrom": MILES_FWHM},
+                "visit_factor": "1 + N(0, 0.03), clipped to [0.93, 1.07]", "miles_fwhm_angstrom": MILES_FWHM,
+                "stelib_fwhm_angstrom": STELIB_FWHM,
+                "stelib": "broadened where sharper than the visit's LSF; left as is where coarser, DISP = "
+                          "max(factor*target, STELIB sigma); COARSER_BELOW in visit_sources.csv"},
+        "telluric": {"mask_bit": TELLURIC_MASK_BIT, "mask_bit_name": "BADFLUXFACTOR", "applies_to": "STELIB visits",
+                     "bands_air_angstrom": [[lo, hi, name] for lo, hi, name in TELLURIC_BANDS_AIR]},
     }
     (out / FILE_NAMES["manifest"]).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     log.info("demo: built in %.1f s: %d stars, %d visits, %d allStar rows", time.perf_counter() - t0, ns, nv,
@@ -774,10 +1098,11 @@ def build_demo(out_dir: str | os.PathLike[str], *, seed: int = DEFAULT_SEED, n_s
     return manifest
 
 
-def _allstar(rng: np.random.Generator, lib: MilesLibrary, stars: list[_Star],
+def _allstar(rng: np.random.Generator, labels: NDArray[np.float64], stars: list[_Star],
              source_id: NDArray[np.int64]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """The APOGEE-overlap rows (allStar layout) for the MILES stars, and their counts."""
-    labelled = lib.labelled
+    """The APOGEE-overlap rows (allStar layout) for the labelled-library stars (MILES,
+    then STELIB-only; ``labels`` (n, 3) are their Teff, log g, [Fe/H]), and their counts."""
+    labelled = np.isfinite(labels).all(axis=1)
     chosen = np.flatnonzero(labelled & (rng.random(len(labelled)) < 0.9))
     unlab = np.flatnonzero(~labelled)
     # Stars with placeholder labels: a few appear, but only with missing labels.
@@ -790,9 +1115,9 @@ def _allstar(rng: np.random.Generator, lib: MilesLibrary, stars: list[_Star],
 
     idx = np.concatenate([chosen, unlab_in])
     n = len(idx)
-    teff = lib.teff[idx].astype(np.float64).copy()
-    logg = lib.logg[idx].astype(np.float64).copy()
-    feh = lib.feh[idx].astype(np.float64).copy()
+    teff = labels[idx, 0].astype(np.float64)
+    logg = labels[idx, 1].astype(np.float64)
+    feh = labels[idx, 2].astype(np.float64)
     aspcap = np.zeros(n, np.int64)
     starflag = np.zeros(n, np.int64)
     vscatter = np.abs(rng.normal(0.0, 0.3, n))
@@ -878,15 +1203,61 @@ def _allstar(rng: np.random.Generator, lib: MilesLibrary, stars: list[_Star],
     return allstar, stats
 
 
-def _write_labels(path: Path, lib: MilesLibrary) -> None:
+LABEL_COLUMNS = ("mangaid", "library", "star_name", "miles_id", "miles_name", "stelib_id", "teff", "logg", "fe_h",
+                 "miles_teff", "miles_logg", "miles_fe_h", "stelib_teff", "stelib_logg", "stelib_fe_h")
+
+
+def _write_labels(path: Path, lib: MilesLibrary, miles_names: dict[int, str], stelib: StelibStars,
+                  stars: list[_Star]) -> None:
+    """One row per labelled-library demo star (MILES stars, then STELIB-only stars).
+
+    ``teff, logg, fe_h`` are the star's adopted labels (its allStar/INPUT labels): MILES's
+    for a MILES star, shared or not, STELIB's for a STELIB-only one; ``miles_*`` and
+    ``stelib_*`` are each library's own (NaN where the star is not in it or the library
+    gives none), for comparisons across libraries. ``library`` is MILES, STELIB or
+    MILES+STELIB; ``stelib_id`` the STELIB file stem(s), ';'-joined for HD053929.
+    """
     def fmt(x: float) -> str:
         return "nan" if not np.isfinite(x) else format(float(x), ".6g")
 
+    def stelib_cols(idx: Sequence[int]) -> tuple[str, list[str]]:
+        if not idx:
+            return "", ["nan"] * 3
+        first = stelib.spectra[idx[0]]
+        return ";".join(stelib.spectra[i].name for i in idx), [fmt(first.teff), fmt(first.logg), fmt(first.feh)]
+
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
-        w.writerow(["miles_id", "miles_name", "mangaid", "teff", "logg", "fe_h"])
-        for i, t, g, m in zip(lib.ids, lib.teff, lib.logg, lib.feh):
-            w.writerow([int(i), f"m{int(i):04d}", _miles_mangaid(int(i)), fmt(t), fmt(g), fmt(m)])
+        w.writerow(LABEL_COLUMNS)
+        for st in stars:
+            if st.kind == "miles":
+                i = int(lib.ids[st.index])
+                miles = [fmt(lib.teff[st.index]), fmt(lib.logg[st.index]), fmt(lib.feh[st.index])]
+                sid, sl = stelib_cols(stelib.shared.get(i, []))
+                w.writerow([st.mangaid, "MILES+STELIB" if sid else "MILES", miles_names.get(i, ""), i, f"m{i:04d}", sid,
+                            *miles, *miles, *sl])
+            else:
+                _key, name, idx = stelib.only[st.index]
+                sid, sl = stelib_cols(idx)
+                w.writerow([st.mangaid, "STELIB", name, "", "", sid, *sl, "nan", "nan", "nan", *sl])
+
+
+def _write_visit_sources(path: Path, visits: dict[str, np.ndarray], stars: list[_Star],
+                         star_of_row: NDArray[np.int64], visit_of_row: NDArray[np.int64], stelib: StelibStars,
+                         lib: MilesLibrary, hc: MaStarHC, coarser_below: NDArray[np.float64]) -> None:
+    """Per goodspec row: which library and spectrum the visit is made from, and the
+    reddest MaStar wavelength (vacuum Å) where that spectrum's LSF is coarser than the
+    visit's (so DISP there is the library's σ, not the MaStar one; 0 = nowhere)."""
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(["MANGAID", "PLATE", "IFUDESIGN", "MJD", "LIBRARY", "LIBRARY_ID", "COARSER_BELOW"])
+        for r, (s, j) in enumerate(zip(star_of_row, visit_of_row)):
+            st = stars[int(s)]
+            library, src = st.library[int(j)], st.source[int(j)]
+            ident = {"MILES": lambda: f"m{int(lib.ids[src]):04d}", "STELIB": lambda: stelib.spectra[src].name,
+                     "MASTARHC": lambda: f"MaStarHC_{hc.names[src]}"}[library]()
+            w.writerow([visits["MANGAID"][r], int(visits["PLATE"][r]), visits["IFUDESIGN"][r], int(visits["MJD"][r]),
+                        library, ident, format(float(coarser_below[r]), ".1f")])
 
 
 def _sha256(path: Path) -> str:
@@ -999,9 +1370,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", exc)
         return 1
     counts = json.loads(files.manifest.read_text())["counts"]
-    for k in ("goodspec", "mastarall", "allstar", "gaia_xmatch", "labels", "manifest"):
+    for k in ("goodspec", "mastarall", "allstar", "gaia_xmatch", "labels", "visit_sources", "manifest"):
         print(f"{k:12s} {getattr(files, k)}")
-    print(f"demo: {counts['stars']} stars, {counts['visits']} visits, {counts['allstar_rows']} allStar rows "
+    print(f"demo: {counts['stars']} stars, {counts['visits']} visits ({counts['miles_visits']} MILES, "
+          f"{counts['stelib_visits']} STELIB, {counts['hc_visits']} MaStarHC), {counts['allstar_rows']} allStar rows "
           f"({time.perf_counter() - t0:.1f} s)")
     return 0
 

@@ -62,6 +62,22 @@ def labels(files: DemoFiles) -> pd.DataFrame:
     return pd.read_csv(files.labels)
 
 
+@pytest.fixture(scope="module")
+def sources(files: DemoFiles) -> pd.DataFrame:
+    """visit_sources.csv: one row per goodspec row, in the same order."""
+    return pd.read_csv(files.visit_sources, dtype={"IFUDESIGN": str})
+
+
+@pytest.fixture(scope="module")
+def stelib_lib() -> demo.StelibStars:
+    from mastar_vac.io.stelib import read_stelib_dir
+
+    d = demo.templates_dir()
+    miles = demo.load_miles(N_STARS)
+    names = demo.read_miles_names(d / "miles" / "paramsMILES_v9.1.txt", range(1, 986))
+    return demo.select_stelib(read_stelib_dir(d / "stelib"), names, miles.ids, N_STARS)
+
+
 def _bit(values: np.ndarray, bit: int) -> np.ndarray:
     return (np.asarray(values).astype(np.int64) & (np.int64(1) << bit)) != 0
 
@@ -70,7 +86,8 @@ def _bit(values: np.ndarray, bit: int) -> np.ndarray:
 
 
 def test_files_exist_and_read_back(files: DemoFiles, spectra) -> None:  # noqa: ANN001
-    for p in (files.goodspec, files.mastarall, files.allstar, files.gaia_xmatch, files.labels, files.manifest):
+    for p in (files.goodspec, files.mastarall, files.allstar, files.gaia_xmatch, files.labels, files.visit_sources,
+              files.manifest):
         assert p.is_file() and p.parent == files.root
     assert files.goodspec.name == "mastar-goodspec-v3_1_1-v1_7_7.fits.gz"
     assert files.mastarall.name == "mastarall-v3_1_1-v1_7_7.fits"
@@ -93,13 +110,18 @@ def test_files_exist_and_read_back(files: DemoFiles, spectra) -> None:  # noqa: 
     assert set(gs["MANGAID"]) == set(gv["MANGAID"])
     nvis = gv.groupby("MANGAID").size()
     assert (gs.set_index("MANGAID")["NVISITS"] == nvis.reindex(gs["MANGAID"]).to_numpy()).all()
-    assert gs["NVISITS"].max() <= 5
+    # MILES and STELIB-only stars 1–5 visits; a shared star 1–3 more per STELIB spectrum
+    assert gs["NVISITS"].max() <= 5 + 3
 
     manifest = json.loads(files.manifest.read_text())
     c = manifest["counts"]
     assert manifest["seed"] == demo.DEFAULT_SEED and manifest["n_stars"] == N_STARS
     assert c["visits"] == len(gv) and c["stars"] == len(gs)
-    assert c["miles_stars"] == N_STARS and c["hc_stars"] == c["stars"] - N_STARS
+    assert c["miles_stars"] == N_STARS and c["hc_stars"] == c["stars"] - N_STARS - c["stelib_only_stars"]
+    assert c["miles_visits"] + c["stelib_visits"] + c["hc_visits"] == c["visits"]
+    # n_stars = 80: the 3 STELIB stars among the first 80 MILES stars, ⌈80·88/984⌉ STELIB-only ones
+    assert c["stelib_shared_stars"] == 3 and c["stelib_only_stars"] == 8
+    assert c["stelib_library_overlap_stars"] == 117 and c["stelib_library_files"] == 255
     assert set(manifest["files"].values()) == {p.name for p in files.root.iterdir()} - {"manifest.json"}
 
     # MaStarHC targets: one visit each, unlabelled
@@ -141,12 +163,29 @@ def test_gaia_xmatch(files: DemoFiles) -> None:
     assert g["PHOT_G_MEAN_MAG"].isna().all() and g["BPRPC"].isna().all()  # no invented photometry
 
 
-def test_labels_csv(labels: pd.DataFrame, library: demo.MilesLibrary) -> None:
-    assert list(labels.columns) == ["miles_id", "miles_name", "mangaid", "teff", "logg", "fe_h"]
-    assert len(labels) == N_STARS and labels["mangaid"].is_unique
-    np.testing.assert_array_equal(labels["miles_id"], library.ids)
+def test_labels_csv(labels: pd.DataFrame, library: demo.MilesLibrary, files: DemoFiles) -> None:
+    from mastar_vac.stages import read_labels_table
+
+    assert list(labels.columns) == list(demo.LABEL_COLUMNS)
+    c = json.loads(files.manifest.read_text())["counts"]
+    assert len(labels) == N_STARS + c["stelib_only_stars"] and labels["mangaid"].is_unique
+    miles = labels[labels["library"].str.startswith("MILES")]
+    np.testing.assert_array_equal(miles["miles_id"], library.ids)
     row = labels.set_index("miles_id").loc[78]  # catalogue: 13800 2.44 9999
     assert row["teff"] == 13800 and row["logg"] == 2.44 and np.isnan(row["fe_h"])
+    assert labels.set_index("miles_id").loc[4, "star_name"] == "HD000004"
+    # adopted labels: MILES's for MILES stars (shared too), STELIB's for STELIB-only stars
+    np.testing.assert_array_equal(miles["teff"], miles["miles_teff"])
+    only = labels[labels["library"] == "STELIB"]
+    assert len(only) == c["stelib_only_stars"] and only["miles_id"].isna().all()
+    np.testing.assert_array_equal(only["teff"], only["stelib_teff"])
+    assert only[["teff", "logg", "fe_h"]].notna().all().all()
+    shared = labels[labels["library"] == "MILES+STELIB"]
+    assert len(shared) == c["stelib_shared_stars"] and shared["stelib_id"].str.startswith("HD").all()
+    assert (abs(shared["teff"] - shared["stelib_teff"]) < 200).all()  # HD002857: 7569 vs 7611 K
+    # the pipeline's comparison reader still takes it, one row per MANGAID
+    t = read_labels_table(files.labels)
+    assert len(t) == len(labels) and t["ext_id"].is_unique
 
 
 def test_miles_params_quirks() -> None:
@@ -167,7 +206,7 @@ def test_deterministic(tmp_path: Path) -> None:
     a = demo_files(tmp_path / "a", n_stars=4)
     b = demo_files(tmp_path / "b", n_stars=4)
     c = demo_files(tmp_path / "c", n_stars=4, seed=7)
-    for name in ("goodspec", "mastarall", "allstar", "gaia_xmatch", "labels", "manifest"):
+    for name in ("goodspec", "mastarall", "allstar", "gaia_xmatch", "labels", "visit_sources", "manifest"):
         assert getattr(a, name).read_bytes() == getattr(b, name).read_bytes(), name
     assert a.goodspec.read_bytes() != c.goodspec.read_bytes()
     with gzip.open(a.goodspec) as fh:  # still a valid gzip stream, named after itself
@@ -179,8 +218,9 @@ def test_deterministic(tmp_path: Path) -> None:
 # ---- spectra ------------------------------------------------------------------------------
 
 
-def test_pixels_outside_miles_are_nodata(spectra, model: LsfModel, files: DemoFiles) -> None:  # noqa: ANN001
-    miles = np.char.startswith(spectra.meta["MANGAID"].astype(str), "3-")
+def test_pixels_outside_miles_are_nodata(spectra, model: LsfModel, sources: pd.DataFrame) -> None:  # noqa: ANN001
+    miles = (sources["LIBRARY"] == "MILES").to_numpy()
+    hc = (sources["LIBRARY"] == "MASTARHC").to_numpy()
     lo, hi = model.miles_wave[0], model.miles_wave[-1]
     outside = (model.wave > hi - 1.0) | (model.wave < lo + 1.0)
     nodata = _bit(spectra.mask, MASK_BITS["NODATA"])
@@ -189,9 +229,9 @@ def test_pixels_outside_miles_are_nodata(spectra, model: LsfModel, files: DemoFi
     assert nodata[miles][:, outside].all()
     assert (spectra.flux[miles][:, outside] == 0).all()
     inside = (model.wave > lo + 5) & (model.wave < hi - 5)
-    assert not nodata[:, inside].any()
+    assert not nodata[miles | hc][:, inside].any()
     # the MaStarHC visits are real and cover the whole grid
-    assert (spectra.ivar[~miles][:, outside] > 0).mean() > 0.95
+    assert (spectra.ivar[hc][:, outside] > 0).mean() > 0.95
 
 
 def test_snr_matches_s2n(spectra) -> None:  # noqa: ANN001
@@ -222,8 +262,8 @@ def test_lsf_kernel_variance_in_miles_frame(model: LsfModel) -> None:
     assert (model.extra_sigma_pix(0.5) == 0).any() and (s >= 0).all()
 
 
-def test_disp_is_target_times_visit_factor(spectra, model: LsfModel) -> None:  # noqa: ANN001
-    miles = np.char.startswith(spectra.meta["MANGAID"].astype(str), "3-")
+def test_disp_is_target_times_visit_factor(spectra, model: LsfModel, sources: pd.DataFrame) -> None:  # noqa: ANN001
+    miles = (sources["LIBRARY"] == "MILES").to_numpy()
     red = (model.wave > 5000) & (model.wave < 7300)
     ratio = spectra.disp[miles][:, red] / model.target_sigma[red]
     f = np.median(ratio, axis=1)
@@ -234,13 +274,14 @@ def test_disp_is_target_times_visit_factor(spectra, model: LsfModel) -> None:  #
 
 
 def test_visit_matches_degraded_miles(spectra, model: LsfModel, library: demo.MilesLibrary,
-                                      labels: pd.DataFrame) -> None:  # noqa: ANN001
+                                      labels: pd.DataFrame, sources: pd.DataFrame) -> None:  # noqa: ANN001
     """A high-S/N visit is the MILES spectrum at the recorded LSF, plus noise: χ²/pixel ≈ 1
     at DISP's factor and clearly worse without the extra broadening or with 10% more."""
     index = {m: i for i, m in enumerate(labels["mangaid"])}
     red = (model.wave > 5000) & (model.wave < 7300)
     mid = spectra.meta["MANGAID"].astype(str)
-    rows = [i for i in np.flatnonzero(spectra.meta["S2N"] > 120) if mid[i] in index][:6]
+    miles = (sources["LIBRARY"] == "MILES").to_numpy()
+    rows = [i for i in np.flatnonzero((spectra.meta["S2N"] > 120) & miles) if mid[i] in index][:6]
     assert rows
     for v in rows:
         k = index[mid[v]]
@@ -274,6 +315,117 @@ def test_pixel_problems(spectra, files: DemoFiles) -> None:  # noqa: ANN001
     assert (spectra.ivar[badpix] == 0).all()
 
 
+# ---- STELIB visits ---------------------------------------------------------------------------
+
+
+def test_visit_sources_table(files: DemoFiles, spectra, sources: pd.DataFrame) -> None:  # noqa: ANN001
+    key = pd.DataFrame({k: spectra.meta[k] for k in VISIT_KEY}).astype({"PLATE": int, "MJD": int, "IFUDESIGN": str})
+    pd.testing.assert_frame_equal(sources[list(VISIT_KEY)].astype({"PLATE": int, "MJD": int}), key,
+                                  check_dtype=False)
+    assert set(sources["LIBRARY"]) == {"MILES", "STELIB", "MASTARHC"}
+    c = json.loads(files.manifest.read_text())["counts"]
+    assert (sources["LIBRARY"] == "STELIB").sum() == c["stelib_visits"] > 0
+    st = sources[sources["LIBRARY"] == "STELIB"]
+    assert st["LIBRARY_ID"].str.match(r"^(HD\d{6}|[A-Z])").all()
+    # STELIB (3.4 Å) is coarser than MaStar in the blue: the boundary lies near 6,000–7,500 Å
+    assert st["COARSER_BELOW"].between(5500, 7600).all()
+    assert (sources.loc[sources["LIBRARY"] == "MASTARHC", "COARSER_BELOW"] == 0).all()
+
+
+def test_stelib_visits_reach_the_red(spectra, model: LsfModel, sources: pd.DataFrame) -> None:  # noqa: ANN001
+    stelib = (sources["LIBRARY"] == "STELIB").to_numpy()
+    red = model.wave > 7410.0  # beyond MILES
+    good_red = ((spectra.ivar > 0) & red).sum(axis=1)
+    assert (good_red[stelib] > 0).all() and np.median(good_red[stelib]) > 200
+    assert (good_red[(sources["LIBRARY"] == "MILES").to_numpy()] == 0).all()
+    # the Ca triplet (8,498–8,662 Å air) is usable in most STELIB visits
+    cat = (model.wave > 8490) & (model.wave < 8680)
+    assert ((spectra.ivar[stelib][:, cat] > 0).all(axis=1)).mean() > 0.5
+    # beyond STELIB's red end (~9,600 Å air) there is no data
+    beyond = model.wave > 9900
+    assert (spectra.ivar[stelib][:, beyond] == 0).all()
+    assert _bit(spectra.mask[stelib][:, beyond], MASK_BITS["NODATA"]).all()
+
+
+def test_telluric_pixels_masked(spectra, model: LsfModel, sources: pd.DataFrame) -> None:  # noqa: ANN001
+    from mastar_vac.wavegrid import air_to_vacuum
+
+    stelib = (sources["LIBRARY"] == "STELIB").to_numpy()
+    tell = _bit(spectra.mask, demo.TELLURIC_MASK_BIT)
+    assert demo.TELLURIC_MASK_BIT == MASK_BITS["BADFLUXFACTOR"] == 27
+    for lo, hi, name in demo.TELLURIC_BANDS_AIR:
+        a, b = air_to_vacuum(np.array([lo, hi]))
+        band = (model.wave >= a) & (model.wave <= b)
+        assert (spectra.ivar[stelib][:, band] == 0).all(), name
+        covered = ~_bit(spectra.mask[stelib][:, band], MASK_BITS["NODATA"])
+        assert (tell[stelib][:, band] == covered).all(), name
+    assert tell[stelib].any(axis=1).all()
+    assert not tell[~stelib].any()  # MILES is telluric-corrected, MaStarHC is survey data
+
+
+def test_stelib_disp(spectra, model: LsfModel, sources: pd.DataFrame) -> None:  # noqa: ANN001
+    stelib_sigma = demo.STELIB_FWHM * lsf.FWHM_TO_SIGMA  # air Å; vacuum Å are 1.0003× wider
+    rows = np.flatnonzero((sources["LIBRARY"] == "STELIB").to_numpy())
+    for v in rows:
+        d = spectra.disp[v]
+        assert (d >= stelib_sigma * (1 - 1e-3)).all()
+        edge = float(sources["COARSER_BELOW"].iloc[v])
+        blue = model.wave < edge - 20
+        red = model.wave > edge + 20
+        # where STELIB is coarser DISP is STELIB's own σ; redward it is factor·σ_target
+        assert np.allclose(d[blue], stelib_sigma * 1.0003, rtol=2e-3)
+        f = np.median(d[red] / model.target_sigma[red])
+        assert 0.93 - 1e-3 <= f <= 1.07 + 1e-3
+        assert np.allclose(d[red], f * model.target_sigma[red], rtol=2e-3)
+        # blueward of the boundary STELIB is coarser, or (for factors near 0.93, 7,700–8,700 Å)
+        # equal to within 0.2%: the boundary is the reddest pixel where it is coarser
+        assert (d[blue] >= f * model.target_sigma[blue] * (1 - 2e-3)).all()
+
+
+def test_stelib_visit_matches_degraded_stelib(spectra, model: LsfModel, sources: pd.DataFrame,
+                                              stelib_lib: demo.StelibStars) -> None:  # noqa: ANN001
+    """A STELIB visit is its STELIB spectrum at the recorded LSF plus noise (χ²/pixel ≈ 1)."""
+    by_name = {s.name: s for s in stelib_lib.spectra}
+    rows = np.flatnonzero((sources["LIBRARY"] == "STELIB").to_numpy() & (spectra.meta["S2N"] > 30))[:4]
+    assert len(rows)
+    red = (model.wave > 7000) & (model.wave < 9000)
+    for v in rows:
+        spec = by_name[sources["LIBRARY_ID"].iloc[v]]
+        f = float(np.median(spectra.disp[v][red] / model.target_sigma[red]))
+        exp = demo.degrade_stelib(spec, model, [f])[0][0]
+        ok = (spectra.ivar[v] > 0) & np.isfinite(spectra.flux[v]) & np.isfinite(exp)
+        w = spectra.ivar[v][ok]
+        a = np.sum(spectra.flux[v][ok] * exp[ok] * w) / np.sum(exp[ok] ** 2 * w)
+        chi = np.mean((spectra.flux[v][ok] - a * exp[ok]) ** 2 * w)
+        assert 0.85 < chi < 1.15, (sources["LIBRARY_ID"].iloc[v], chi)
+
+
+def test_shared_stars_are_one_star(files: DemoFiles, labels: pd.DataFrame, sources: pd.DataFrame) -> None:
+    """A STELIB star that is a MILES star is the same demo star: one MANGAID, one GOODSTARS
+    row with MILES's labels, one Gaia row; its STELIB spectra are more of its visits."""
+    gs = read_goodstars(files.mastarall).set_index("MANGAID")
+    g = read_gaia_xmatch(files.gaia_xmatch)
+    shared = labels[labels["library"] == "MILES+STELIB"]
+    assert len(shared) == 3
+    for _, row in shared.iterrows():
+        libs = set(sources.loc[sources["MANGAID"] == row["mangaid"], "LIBRARY"])
+        assert libs == {"MILES", "STELIB"}
+        ids = set(sources.loc[(sources["MANGAID"] == row["mangaid"]) & (sources["LIBRARY"] == "STELIB"),
+                              "LIBRARY_ID"])
+        assert ids == set(row["stelib_id"].split(";"))
+        assert gs.loc[row["mangaid"], "INPUT_TEFF"] == row["miles_teff"]
+        assert gs.loc[row["mangaid"], "INPUT_SOURCE"] == "MILES"
+        assert (g["MANGAID"] == row["mangaid"]).sum() == 1
+    # STELIB-only stars have their own MANGAID, STELIB visits only and STELIB's labels
+    only = labels[labels["library"] == "STELIB"]
+    for _, row in only.iterrows():
+        assert set(sources.loc[sources["MANGAID"] == row["mangaid"], "LIBRARY"]) == {"STELIB"}
+        assert gs.loc[row["mangaid"], "INPUT_SOURCE"] == "STELIB"
+        assert np.isclose(gs.loc[row["mangaid"], "INPUT_TEFF"], row["stelib_teff"])
+    # no STELIB spectrum of a MILES star is given a STELIB-only MANGAID
+    assert not set(only["stelib_id"]) & set(shared["stelib_id"])
+
+
 # ---- allStar (the APOGEE overlap) --------------------------------------------------------
 
 
@@ -298,7 +450,7 @@ def test_allstar_overlap(files: DemoFiles, labels: pd.DataFrame) -> None:
     mangaid = _allstar_mangaid(files, a)
     lab = labels.set_index("mangaid")
     valid_lab = lab[["teff", "logg", "fe_h"]].notna().all(axis=1)
-    assert set(mangaid) <= set(lab.index)  # only MILES stars
+    assert set(mangaid) <= set(lab.index)  # only labelled-library (MILES, STELIB-only) stars
     valid_row = a[["TEFF", "LOGG", "FE_H"]].notna().all(axis=1).to_numpy()
     # no star with a catalogue placeholder appears with valid labels
     assert valid_lab.reindex(mangaid[valid_row]).all()
