@@ -48,11 +48,16 @@ def noise_ceiling(ivar: np.ndarray, good: np.ndarray, t: float) -> float:
     return float(erf(t / (sig * np.sqrt(2))).mean())
 
 
-def library_at_mastar_resolution(ids: np.ndarray, demo_root: Path) -> tuple[np.ndarray, np.ndarray]:
+def library_at_mastar_resolution(ids: np.ndarray, demo_root: Path, library: str | None = None
+                                 ) -> tuple[np.ndarray, np.ndarray]:
     """The library spectra of the demo stars ``ids`` at the nominal MaStar LSF, normalized
     exactly like the data, without the simulated visit noise: MILES for MILES stars (a
     star that is also in STELIB keeps its MILES spectrum, which stops at 7,400 Å), STELIB
-    for STELIB-only stars (with its gaps and telluric bands masked, as in the demo)."""
+    for STELIB-only stars (with its gaps and telluric bands masked, as in the demo).
+
+    With ``library = "MILES"`` or ``"STELIB"`` every star gets that library's spectrum —
+    shared stars their STELIB one too, which reaches the red half — and a star the
+    library lacks gets ivar 0 everywhere (it then counts no pixel)."""
     from mastar_vac.demo import (
         LsfModel,
         _telluric_pixels,
@@ -68,7 +73,11 @@ def library_at_mastar_resolution(ids: np.ndarray, demo_root: Path) -> tuple[np.n
     lab = pd.read_csv(demo_root / "miles_labels.csv")
     miles_of = {m: int(i) for m, i in zip(lab["mangaid"], lab["miles_id"]) if np.isfinite(i)}
     stelib_of = {m: str(s).split(";")[0] for m, s, lib in zip(lab["mangaid"], lab["stelib_id"], lab["library"])
-                 if lib == "STELIB"}
+                 if lib == "STELIB" or (library == "STELIB" and isinstance(s, str) and s)}
+    if library == "STELIB":
+        miles_of = {}
+    elif library == "MILES":
+        stelib_of = {}
     lib = load_miles()
     hc = load_mastarhc()
     stelib = {s.name: s for s in read_stelib_dir(templates_dir() / "stelib")}
@@ -82,6 +91,10 @@ def library_at_mastar_resolution(ids: np.ndarray, demo_root: Path) -> tuple[np.n
         elif m in stelib_of:
             spec, bad = degrade_stelib(stelib[stelib_of[m]], model, [1.0])[:2]
             bad = bad | tell[None, :]
+        elif library is not None:
+            flux.append(np.zeros(model.wave.size))
+            ivar.append(np.zeros(model.wave.size))
+            continue
         else:
             raise SystemExit(f"{m}: neither a MILES nor a STELIB star of the demo")
         f = np.where(np.isfinite(spec[0]), spec[0], 0.0)
