@@ -284,3 +284,33 @@ def test_unknown_grid_axis_is_an_error_unless_given_a_value(tmp_path: Path) -> N
         plan_labels(g, ["TEFF", "LOGG", "FE_H"])
     plan = plan_labels(g, ["TEFF", "LOGG", "FE_H"], SyntheticConfig(grid_defaults={"C": 0.0}))
     assert (plan.axes[3].source, plan.axes[3].value) == ("default", 0.0)
+
+
+@needs_doppler
+@pytest.mark.slow
+def test_build_with_the_builtin_grid_end_to_end(tmp_path: Path) -> None:
+    """`synthetic_grid = "builtin"` on a small demo: the grid is built into the cache
+    (~10 s, 122 MB), the extension draws from it, and a second run reuses every stage."""
+    import subprocess
+    import sys
+
+    from mastar_vac.reference import ReferenceSet
+
+    from .test_build import _config
+
+    cfg = _config(tmp_path, stars=40)
+    cfg.write_text(cfg.read_text().replace("demo = true", 'demo = true\nsynthetic_grid = "builtin"')
+                   + "\n[synthetic]\nn_spectra = 20\n")
+    env = dict(os.environ, MASTAR_VAC_CACHE=str(tmp_path / "cache"), MASTAR_VAC_PROGRESS="0")
+    cmd = [sys.executable, "-m", "mastar_vac.build", "--config", str(cfg)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "VSINI[linear]: rotation" in proc.stderr
+    ref = ReferenceSet.load(tmp_path / "out" / "reference" / "reference_set.npz")
+    synth = ref.source == "synthetic"
+    assert synth.sum() == 20 and (ref.labels[synth, 0] >= 8000).all() and np.isfinite(ref.flux[synth]).all()
+    assert len(list((tmp_path / "cache").glob("builtin-grid-v*/f_builtin_hotdwarfs.unf"))) == 1
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    line = next(ln for ln in again.stdout.splitlines() if ln.startswith("reference"))
+    assert "reused" in line, line
