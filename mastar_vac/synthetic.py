@@ -429,14 +429,16 @@ def plan_labels(grid: FerreGrid, label_names: Sequence[str], config: SyntheticCo
             v = _convert(np.asarray(config.vsini, np.float64), "linear", sc)
             tol = 1e-9 * max(1.0, abs(grid.steps[a]))
             if not (np.all(np.isfinite(v)) and v.min() >= lo[a] - tol and v.max() <= hi[a] + tol):
+                unit = "log10 km/s" if sc == "log10" else "km/s"
                 raise ConfigError(f"synthetic.vsini = {list(config.vsini)} km/s reaches outside the rotation axis "
-                                  f"{grid.labels[a]} of {gname} ([{lo[a]:g}, {hi[a]:g}]{' in log10 km/s' if sc == 'log10' else ' km/s'}); "
-                                  f"choose values inside it, or pin the axis with synthetic.grid_defaults")
+                                  f"{grid.labels[a]} of {gname} ([{lo[a]:g}, {hi[a]:g}] {unit}); choose values "
+                                  f"inside it, or pin the axis with synthetic.grid_defaults")
         elif qty[a].startswith("axis:"):
-            raise ConfigError(f"{gname} has an axis {grid.labels[a]!r} that the theoretical extension does not know how "
-                              f"to draw (known: Teff, log g, metallicity, alpha, v_micro, v sin i); give it a value "
-                              f"in synthetic.grid_defaults (e.g. {{{grid.labels[a]!r} = {float(grid.nodes(a)[0]):g}}}) "
-                              f"or map a fitted label onto it with synthetic.label_map")
+            example = f"{grid.labels[a]!r} = {float(grid.nodes(a)[0]):g}"
+            raise ConfigError(f"{gname} has an axis {grid.labels[a]!r} that the theoretical extension does not know "
+                              f"how to draw (known: Teff, log g, metallicity, alpha, v_micro, v sin i); give it a "
+                              f"value in synthetic.grid_defaults (e.g. {{{example}}}) or map a fitted label onto it "
+                              f"with synthetic.label_map")
         else:
             nodes = grid.nodes(a)
             val, source = float(np.sort(nodes)[(len(nodes) - 1) // 2]), "default"

@@ -95,7 +95,8 @@ def test_rotation_kernel_is_normalized_and_as_wide_as_vsini() -> None:
     assert abs(k.sum() - 1.0) < 1e-12 and len(k) == 2 * 50 + 1 and np.allclose(k, k[::-1])
     assert np.array_equal(bg.rotation_kernel(0.0, 2.0), [1.0])
     x = np.arange(-50, 51) * 2.0 / 100.0
-    assert np.sqrt((k * x**2).sum()) == pytest.approx(np.sqrt(0.2), rel=0.1)  # Gray profile, ε = 0.6: ⟨x²⟩ ≈ 0.2
+    # Gray's profile with ε = 0.6: ⟨x²⟩ = (0.1π + 0.08π) / (0.4π + 0.4π) = 0.225 analytically
+    assert (k * x**2).sum() == pytest.approx(0.225, rel=0.01)
 
 
 def test_rotation_broadens_a_line_keeping_its_equivalent_width() -> None:
