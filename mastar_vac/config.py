@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .emulator import TrainConfig
 from .errors import ConfigError
@@ -66,7 +66,9 @@ class InputsConfig:
     lamost: Path | None = None
     segue: Path | None = None
     gaia_dr3: Path | None = None
-    synthetic_grid: Path | None = None  # FERRE grid (.hdr/.unf or .dat) for the theoretical extension
+    # FERRE grid (.hdr/.unf or .dat) for the theoretical extension, or "builtin": the grid
+    # mastar_vac.builtin_grid builds (once, cached) from thedoppler's hot-dwarf Cannon model
+    synthetic_grid: Literal["builtin"] | Path | None = None
     emulator: Path | None = None  # a saved emulator to use instead of training one
     comparison_labels: Path | None = None  # CSV of published labels by MANGAID (the demo: MILES/STELIB labels)
 
@@ -163,6 +165,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is Literal:
+        if not any(value == v and type(value) is type(v) for v in args):
+            raise ConfigError(f"{where}: expected one of {list(args)}, got {value!r}")
+        return value
     if tp is Path:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{where}: expected a path string, got {value!r}")
@@ -234,6 +240,13 @@ def _validate(cfg: Config) -> None:
                           "or emulator (a saved one)")
     if not cfg.emulator.labels:
         raise ConfigError(f"{where}: emulator.labels must name at least one label")
+    if cfg.inputs.synthetic_grid == "builtin":
+        from .builtin_grid import doppler_data_dir
+
+        try:  # fail now, not after the ingest, when thedoppler is missing
+            doppler_data_dir()
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: inputs.{exc}") from None
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:

@@ -123,10 +123,19 @@ class StageContext:
         from .reference import allstar_columns_for, build_reference_set
 
         c = self.cfg
+        sgrid = c.inputs.synthetic_grid
+        if sgrid == "builtin":
+            from .builtin_grid import builtin_grid_id
+
+            # the cache name hashes the grid spec and the model file's bytes: the built grid
+            # is deterministic, so it identifies the grid without building it first
+            grid_id: Any = {"builtin": builtin_grid_id()}
+        else:
+            grid_id = file_fingerprint(sgrid)
         key = stage_key(cube=self.keys["cube"], allstar=file_fingerprint(c.inputs.allstar),
                         gaia=file_fingerprint(c.inputs.gaia_xmatch), reference=c.reference,
-                        labels=c.emulator.labels, synthetic_grid=file_fingerprint(c.inputs.synthetic_grid),
-                        synthetic=c.synthetic if c.inputs.synthetic_grid else None)
+                        labels=c.emulator.labels, synthetic_grid=grid_id,
+                        synthetic=c.synthetic if sgrid else None)
         self.keys["reference"] = key
         if is_current(self.reference_path, key):
             return "reused", self._reference_detail()
@@ -142,15 +151,21 @@ class StageContext:
             raise InputFileError(c.inputs.allstar, f"only {len(ref)} reference stars survive the match and cuts "
                                  f"({ref.cut_report}); at least 10 are needed to train",
                                  expected="APOGEE stars with valid labels among the MaStar targets")
-        if c.inputs.synthetic_grid is not None:
+        if sgrid is not None:
             from .io.ferre import read_ferre
             from .synthetic import synthetic_extension, target_lsf
 
-            grid = read_ferre(c.inputs.synthetic_grid)
+            if sgrid == "builtin":
+                from .builtin_grid import builtin_grid_path
+
+                grid_path = builtin_grid_path()
+            else:
+                grid_path = sgrid
+            grid = read_ferre(grid_path)
             synth = synthetic_extension(ref, grid, lsf_sigma_aa=target_lsf(c.synthetic, cube["disp"]),
                                         config=c.synthetic, window=c.normalize.window,
                                         min_count=c.normalize.min_count)
-            log.info("theoretical extension: %d synthetic spectra from %s", len(synth), c.inputs.synthetic_grid)
+            log.info("theoretical extension: %d synthetic spectra from %s", len(synth), grid_path)
             ref = ref.concat(synth)
         self.reference_path.parent.mkdir(parents=True, exist_ok=True)
         ref.save(self.reference_path)

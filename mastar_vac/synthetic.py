@@ -26,10 +26,20 @@ How each grid axis gets its values
     * other axes that a fitted label reads ([α/Fe], v_micro): uniform over the grid's range,
       uniform along the grid's own axis (so uniform in log v_micro for LOG10VDOP);
     * a fitted label in ``fixed_labels``: that value (on any axis but Teff and log g);
-    * axes no fitted label reads (C, N, rotation, or α when fitting three labels): the value
-      in ``grid_defaults`` (keyed by the grid's label), else the grid's middle node
-      (node (N−1)//2). Set ``grid_defaults`` for APOGEE-like grids whose C/N/rotation
-      middle node is not the solar/slow value.
+    * a rotation axis (VSINI, VROT in km/s; LGVSINI, LOG10VSINI in log10 km/s) that no
+      fitted label reads: drawn per spectrum from ``vsini`` (km/s): uniform between its two
+      values (``vsini_draw = "uniform"``, default 50–250 km/s) or one of its values, equally
+      likely (``"choice"``). The default follows the A/B stars that dominate the extension
+      above 8,000 K, which rotate at 100–250 km/s (mean v sin i ≈ 150 km/s), a width MaStar's
+      R ≈ 1,800 resolves; slow rotators (Am/Ap) are the minority. For F stars or an
+      APOGEE-like grid of cool stars set it lower, or pin the axis with ``grid_defaults``.
+      A range reaching outside the grid's axis is an error, not a silent clip;
+    * other axes no fitted label reads that are known quantities (α or v_micro when
+      fitting three labels): the value in ``grid_defaults`` (keyed by the grid's label),
+      else the grid's middle node (node (N−1)//2);
+    * an axis whose name is none of these (C, N, or anything else): the value in
+      ``grid_defaults``; without one it is an error naming the axis, since no default
+      can be guessed (e.g. APOGEE's C and N middle nodes are not solar).
 
     A fitted label the grid lacks is an error (:class:`~mastar_vac.errors.ConfigError`)
     unless ``fixed_labels`` gives it (e.g. ``{"ALPHA_FE": 0.0}``): the label is then that
@@ -105,6 +115,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 LSF_SOURCES = ("median", "mastarhc")
+VSINI_DRAWS = ("uniform", "choice")
 SCALES = ("linear", "log10")
 
 
@@ -137,6 +148,10 @@ class SyntheticConfig:
     isochrones: str = "parsec_v1.25"
     isochrone_weighting: str = "logteff"  # see mastar_vac.isochrones.sample_isochrone_points
     max_redraws: int = 5  # points whose model holds INVALID_CODE are drawn again up to this often
+    # km/s, for a rotation axis no fitted label reads (module docstring: A/B stars rotate at
+    # 100–250 km/s); "uniform": between the two values; "choice": one of the values
+    vsini: tuple[float, ...] = (50.0, 250.0)
+    vsini_draw: str = "uniform"
     seed: int = 20221
 
     def __post_init__(self) -> None:
@@ -152,6 +167,14 @@ class SyntheticConfig:
             raise ConfigError(f"synthetic.metals_jitter must be >= 0, got {self.metals_jitter}")
         if self.max_redraws < 0:
             raise ConfigError(f"synthetic.max_redraws must be >= 0, got {self.max_redraws}")
+        if self.vsini_draw not in VSINI_DRAWS:
+            raise ConfigError(f"synthetic.vsini_draw must be one of {VSINI_DRAWS}, got {self.vsini_draw!r}")
+        v = tuple(self.vsini)
+        if (not v or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not np.isfinite(x) or x < 0
+                         for x in v)):
+            raise ConfigError(f"synthetic.vsini must be finite numbers >= 0 (km/s), got {list(v)}")
+        if self.vsini_draw == "uniform" and (len(v) != 2 or v[0] > v[1]):
+            raise ConfigError(f"synthetic.vsini with vsini_draw = 'uniform' must be [min, max], got {list(v)}")
         bad = {k: v for k, v in self.axis_scale.items() if v not in SCALES}
         if bad:
             raise ConfigError(f"synthetic.axis_scale: {bad} — each value must be one of {SCALES}")
@@ -197,6 +220,8 @@ _register("alpha", "linear", "O Mg Si S Ca Ti", "ALPHA", "ALPHA_M", "[alpha/M]",
 _register("vmicro", "log10", "LOG10VDOP", "LOGVDOP", "LGVDOP", "LOGVMICRO", "LOG10VMICRO", "LGVMICRO",
           "LOGVMIC", "LOG10VMIC", "LOGVTURB", "LOG10VTURB", "LOGXI", "LOG10XI")
 _register("vmicro", "linear", "VMICRO", "VDOP", "VTURB", "VMIC", "XI", "MICRO", "MICROTURBULENCE", "VT")
+_register("vsini", "linear", "VSINI", "VROT", "V_SINI", "VSIN_I")
+_register("vsini", "log10", "LGVSINI", "LOGVSINI", "LOG10VSINI", "LGVROT", "LOGVROT")
 
 # our (allStar-style) label names: quantity and scale
 _OUR_NAMES: dict[str, tuple[str, str]] = {
@@ -241,9 +266,9 @@ class AxisRole:
     """How one grid axis gets its values."""
 
     grid_label: str
-    quantity: str  # teff, logg, metals, alpha, vmicro, or "label:NAME"/"axis:NAME"
+    quantity: str  # teff, logg, metals, alpha, vmicro, vsini, or "label:NAME"/"axis:NAME"
     scale: str  # "linear" | "log10": what the grid's axis values are
-    source: str  # "isochrone" | "random" | "fixed" | "default"
+    source: str  # "isochrone" | "random" | "fixed" | "default" | "rotation" (drawn from config.vsini)
     value: float | None  # grid units, for "fixed" and "default"
     labels: tuple[str, ...]  # our labels read from this axis
 
@@ -399,6 +424,21 @@ def plan_labels(grid: FerreGrid, label_names: Sequence[str], config: SyntheticCo
             source = "isochrone"
         elif labs:
             source = "random"
+        elif qty[a] == "vsini":
+            source = "rotation"
+            v = _convert(np.asarray(config.vsini, np.float64), "linear", sc)
+            tol = 1e-9 * max(1.0, abs(grid.steps[a]))
+            if not (np.all(np.isfinite(v)) and v.min() >= lo[a] - tol and v.max() <= hi[a] + tol):
+                unit = "log10 km/s" if sc == "log10" else "km/s"
+                raise ConfigError(f"synthetic.vsini = {list(config.vsini)} km/s reaches outside the rotation axis "
+                                  f"{grid.labels[a]} of {gname} ([{lo[a]:g}, {hi[a]:g}] {unit}); choose values "
+                                  f"inside it, or pin the axis with synthetic.grid_defaults")
+        elif qty[a].startswith("axis:"):
+            example = f"{grid.labels[a]!r} = {float(grid.nodes(a)[0]):g}"
+            raise ConfigError(f"{gname} has an axis {grid.labels[a]!r} that the theoretical extension does not know "
+                              f"how to draw (known: Teff, log g, metallicity, alpha, v_micro, v sin i); give it a "
+                              f"value in synthetic.grid_defaults (e.g. {{{example}}}) or map a fitted label onto it "
+                              f"with synthetic.label_map")
         else:
             nodes = grid.nodes(a)
             val, source = float(np.sort(nodes)[(len(nodes) - 1) // 2]), "default"
@@ -460,6 +500,11 @@ def _draw_points(grid: FerreGrid, plan: SyntheticPlan, n: int, config: Synthetic
     for i, role in enumerate(plan.axes):
         if role.source == "random":
             x[:, i] = rng.uniform(lo[i], hi[i], n)
+        elif role.source == "rotation":
+            v = np.asarray(config.vsini, np.float64)
+            kms = rng.uniform(v[0], v[1], n) if config.vsini_draw == "uniform" else rng.choice(v, n)
+            with np.errstate(divide="ignore"):  # log10(0) = -inf is clipped to the grid below
+                x[:, i] = _convert(kms, "linear", role.scale)
         elif role.source in ("fixed", "default"):
             x[:, i] = role.value
     x = np.clip(x, lo, hi)
@@ -700,6 +745,8 @@ def make_synthetic_reference(grid: FerreGrid, n: int, label_names: Sequence[str]
     gen = np.random.default_rng(config.seed if rng is None else rng)
     plan = plan_labels(grid, label_names, config)
     log.info("synthetic: %d spectra from %s; %s", n, _grid_name(grid), plan.describe())
+    if any(r.source == "rotation" for r in plan.axes):
+        log.info("synthetic: v sin i drawn per spectrum, %s %s km/s", config.vsini_draw, list(config.vsini))
     report: dict[str, int] = {"requested": int(n)}
     if n == 0:
         return _empty(label_names, w_out, report)
