@@ -104,4 +104,14 @@ def build_report(ctx: StageContext) -> tuple[Path, Path]:
                             figures=[Path(f).resolve() for f in cmp.get("figures", [])]))
     if "fits" in figs:
         sections.append(Section("Example fits", figures=[(figs["fits"], "normalized spectra, best fits, residuals")]))
+    study = ctx.outdir / "studies" / "semi_empirical"
+    if (study / "table.txt").exists():  # written by `python -m mastar_vac.studies.semi_empirical`
+        sections.append(Section(
+            "Semi-empirical vs empirical vs synthetic emulators (paper §5.2)",
+            text="The same held-out real stars, visit by visit, fitted with emulators trained on (a) the empirical "
+                 "set only, (b) the semi-empirical set, (c) synthetic spectra only at the empirical labels.",
+            tables=[_read(study / "table.txt")],
+            figures=[((study / "example_fits.png").resolve(), "a cool dwarf, a warm dwarf and a hot star, each "
+                      "fitted by the three emulators (Figure 15 analogue)")]
+            if (study / "example_fits.png").exists() else []))
     return write_report(d, title=f"mastar_vac — {ctx.cfg.run.name}", sections=sections)

@@ -209,6 +209,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         grid = Path(choice)
     run_study(output, grid, config=cfg)
+    # the build's report gains the study's section (report_build looks for its files)
+    from ..report_build import build_report
+    from ..stages import StageContext
+
+    paths = build_report(StageContext(cfg, output, progress=False))
+    log.info("report updated: %s", ", ".join(map(str, paths)))
     return 0
 
 
