@@ -624,6 +624,21 @@ def _fit_block(norm_flux: NDArray, norm_ivar: NDArray, starts: NDArray, emu: Emu
     return table
 
 
+def _load_on_worker(path: str, expected_hash: str | None = None) -> Emulator:
+    """``load_emulator`` in a Dask task: a worker that cannot open the artifact says
+    which worker and which path (it may not see the storage the client wrote it to)."""
+    from .cluster import worker_name
+    from .emulator import load_emulator
+    from .errors import ArtifactError, WorkerStorageError
+
+    try:
+        return load_emulator(path, expected_hash=expected_hash)
+    except (ArtifactError, OSError) as exc:
+        if isinstance(exc, ArtifactError) and "not an emulator artifact" not in str(exc):
+            raise  # a damaged or tampered artifact, not a storage problem: its own message says so
+        raise WorkerStorageError(path, worker_name(), str(exc)) from None
+
+
 def fit_cube(cube, emulator: Any, *, config: FitConfig = FitConfig(),  # noqa: ANN001
              starts: NDArray | None = None, emulator_hash: str | None = None,
              parts_dir: str | os.PathLike[str] | None = None) -> Any:
@@ -648,7 +663,7 @@ def fit_cube(cube, emulator: Any, *, config: FitConfig = FitConfig(),  # noqa: A
         emu_d = dask.delayed(emulator, pure=True)
         names = emulator.label_names
     else:
-        emu_d = dask.delayed(load_emulator, pure=True)(str(emulator), expected_hash=emulator_hash)
+        emu_d = dask.delayed(_load_on_worker, pure=True)(str(emulator), expected_hash=emulator_hash)
         names = load_emulator(emulator, expected_hash=emulator_hash).label_names
     nf = cube["norm_flux"].data
     ni = cube["norm_ivar"].data
