@@ -145,12 +145,12 @@ def test_worker_killed_mid_fit_on_a_separate_cluster(shared, local_reference, se
     proc = subprocess.Popen(_build_cmd(cfg, "--scheduler", separate_cluster.address), cwd=cwd, env=_env(shared),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
+        with Client(separate_cluster.address, timeout=30) as c:
+            pids = c.run(os.getpid)  # asked before the fit: the kill follows the first block at once
         blocks = cwd / "out" / "fit"
         deadline = time.time() + 300
         while not list(blocks.glob(".blocks-*/block-*.npy")) and time.time() < deadline and proc.poll() is None:
             time.sleep(0.01)
-        with Client(separate_cluster.address, timeout=30) as c:
-            pids = c.run(os.getpid)
         n_before = len(list(blocks.glob(".blocks-*/block-*.npy")))
         os.kill(next(iter(pids.values())), signal.SIGKILL)  # its nanny starts a new worker process
         fitted_at_kill = (blocks / "fits.parquet").exists()
