@@ -78,6 +78,19 @@ def resolve_inputs(cfg: Config) -> Config:
     return cfg.replace("inputs", **chosen)
 
 
+def _client_threads() -> None:
+    """Torch threads of this (the client's) process, for its own work: training and
+    validation. Set explicitly, from this process's cores, before any Dask cluster starts:
+    a LocalCluster puts its workers' OMP_NUM_THREADS into this process's environment, and
+    torch imported after that would train with one thread — a different float32
+    summation order, so a different emulator than the same build with ``--scheduler``."""
+    import torch
+
+    from .cluster import worker_cores
+
+    torch.set_num_threads(worker_cores())
+
+
 def run_build(cfg: Config, *, scheduler: str | None = None, outdir: Path | None = None,
               progress: bool = True) -> BuildResult:
     """Run every stage; return what ran, what was reused and where the products are."""
@@ -85,7 +98,10 @@ def run_build(cfg: Config, *, scheduler: str | None = None, outdir: Path | None 
     from .cluster import dask_client
     from .io.atomic import remove_stale_parts
 
-    outdir = Path(outdir or cfg.output.dir)
+    # absolute (also the --output override): every product path derived from it goes to
+    # Dask workers, which resolve relative paths in working directories of their own
+    outdir = Path(outdir or cfg.output.dir).absolute()
+    cfg = cfg.replace("output", dir=outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     n_stale = remove_stale_parts(outdir)
     if n_stale:
@@ -101,10 +117,16 @@ def run_build(cfg: Config, *, scheduler: str | None = None, outdir: Path | None 
         _stage(result, "demo data", demo)
 
     ctx = stages.StageContext(cfg, outdir, progress=progress)
+    _client_threads()
     _stage(result, "ingest", ctx.ingest)
     result.products["cube"] = ctx.cube_path
     with dask_client(cfg.cluster, scheduler=scheduler) as client:
         log.info("Dask dashboard: %s", getattr(client, "dashboard_link", "n/a"))
+        # the workers open the cube and the emulator by path: stop here, with the path and
+        # the worker named, if one cannot (not on storage it sees), not deep in a task
+        from .cluster import check_worker_storage
+
+        check_worker_storage(client, outdir, read=[ctx.cube_path, *filter(None, [cfg.inputs.emulator])])
         _stage(result, "normalize", ctx.normalize)
         if cfg.inputs.emulator is None:
             _stage(result, "reference", ctx.reference)

@@ -3,7 +3,10 @@
 Every section is a frozen dataclass; :func:`load_config` reads a TOML file, rejects
 unknown sections and keys (a typo must not silently fall back to a default), checks
 types, and resolves paths. Relative paths are taken relative to the current working
-directory, as with any command-line tool; ``~`` and ``$VARS`` are expanded.
+directory, as with any command-line tool; ``~`` and ``$VARS`` are expanded. Every path
+is made absolute on load (:func:`absolute_paths`): Dask workers run in working
+directories of their own (``dask worker`` started elsewhere, SLURM jobs), so a relative
+path sent to them would name a different file.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ __all__ = [
     "QualityConfig",
     "load_config",
     "default_config_path",
+    "absolute_paths",
 ]
 
 
@@ -249,6 +253,23 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{where}: inputs.{exc}") from None
 
 
+def _absolute(value: Any, base: Path) -> Any:
+    if isinstance(value, Path):
+        return value if value.is_absolute() else Path(os.path.normpath(base / value))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes = {f.name: _absolute(getattr(value, f.name), base) for f in dataclasses.fields(value)
+                   if f.init and f.name != "source"}
+        changes = {k: v for k, v in changes.items() if v is not getattr(value, k)}
+        return dataclasses.replace(value, **changes) if changes else value
+    return value
+
+
+def absolute_paths(cfg: Config, base: str | os.PathLike[str] | None = None) -> Config:
+    """``cfg`` with every path of every section absolute, relative ones taken against
+    ``base`` (default: the current working directory, that of the command)."""
+    return _absolute(cfg, Path(base) if base is not None else Path.cwd())
+
+
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     """Read and validate a TOML configuration (default: ``pipelines/demo.toml``)."""
     p = Path(path) if path is not None else default_config_path()
@@ -266,6 +287,6 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         cfg = _from_dict(Config, data, "")
     except ConfigError as exc:
         raise ConfigError(f"{p}: {exc}") from None
-    cfg = dataclasses.replace(cfg, source=p.resolve())
+    cfg = dataclasses.replace(absolute_paths(cfg), source=p.resolve())
     _validate(cfg)
     return cfg

@@ -223,7 +223,8 @@ class DemoFiles:
 def default_cache_dir() -> Path:
     """``$MASTAR_VAC_CACHE`` if set, else ``~/.cache/mastar_vac``."""
     env = os.environ.get("MASTAR_VAC_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "mastar_vac"
+    # absolute: the demo's paths go to Dask workers, whose working directory is their own
+    return Path(env).expanduser().absolute() if env else Path.home() / ".cache" / "mastar_vac"
 
 
 def templates_dir() -> Path:
@@ -1292,7 +1293,7 @@ def demo_files(cache_dir: str | Path | None = None, *, seed: int = DEFAULT_SEED,
     """
     if n_stars is not None and n_stars < 1:
         raise ValueError(f"n_stars must be >= 1, got {n_stars}")
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache = Path(cache_dir).expanduser().absolute() if cache_dir is not None else default_cache_dir()
     final = cache / _demo_dirname(seed, n_stars)
     files = DemoFiles.at(final)
     if not force and files.complete():

@@ -342,8 +342,11 @@ class TrainConfig:
     test_fraction: float = 0.1
     validation_fraction: float = 0.1
     seed: int = 20221
-    device: str = "auto"  # "auto" = a GPU when present, else CPU
+    device: str = "auto"  # "auto" = a GPU when present, else CPU; or "cpu", "cuda", "cuda:N"
     threads: int = 0  # torch threads; 0 = leave torch's default
+
+    def __post_init__(self) -> None:
+        check_device(self.device, "emulator.device")
 
 
 @dataclass
@@ -366,12 +369,34 @@ def split_indices(n: int, *, test_fraction: float = 0.1, validation_fraction: fl
             "train": np.sort(order[n_val + n_test:])}
 
 
-def _pick_device(name: str) -> str:
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def check_device(name: str, key: str) -> None:
+    """A ``device`` setting must be "auto", "cpu", "cuda" or "cuda:N" (``key`` names it)."""
+    base, _, index = str(name).partition(":")
+    if base not in DEVICES or (index and (base != "cuda" or not index.isdigit())):
+        raise ValueError(f"{key}: unknown device {name!r}; use one of \"auto\", \"cpu\", \"cuda\" (or \"cuda:N\")")
+
+
+def resolve_device(name: str, key: str = "device") -> str:
+    """The torch device for a ``device`` setting: "auto" is CUDA when torch sees a GPU,
+    else the CPU; "cuda" without one is a :class:`~mastar_vac.errors.ConfigError` (raised
+    where the work runs: a Dask worker may have a GPU that the client lacks)."""
     import torch
+
+    from .errors import ConfigError
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"{key} = {name!r}, but torch sees no CUDA device here (torch {torch.__version__}, "
+                          f"torch.cuda.is_available() is False); use \"auto\" or \"cpu\"")
     return name
+
+
+def _pick_device(name: str) -> str:
+    return resolve_device(name, "emulator.device")
 
 
 def loss_weights(ivar: NDArray, error_floor: float) -> NDArray[np.float32]:

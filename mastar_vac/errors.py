@@ -17,6 +17,8 @@ __all__ = [
     "GridMismatchError",
     "ArtifactError",
     "OutputError",
+    "ClusterError",
+    "WorkerStorageError",
 ]
 
 
@@ -95,3 +97,33 @@ class ArtifactError(MastarVacError):
 
 class OutputError(MastarVacError):
     """An output that could not be written (disk full, permissions, ...)."""
+
+
+class ClusterError(MastarVacError):
+    """A Dask cluster that cannot run the build (no worker started, a SLURM job refused, ...)."""
+
+
+class WorkerStorageError(ClusterError):
+    """A Dask worker that cannot open a path of the run (the cube, the emulator, the
+    output directory): it is not on storage that worker sees.
+
+    Parameters
+    ----------
+    path
+        The path the worker could not open.
+    worker
+        The worker's address (and host, where known).
+    problem
+        What went wrong there.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], worker: str, problem: str) -> None:
+        self.path = os.fspath(path)
+        self.worker = worker
+        self.problem = problem
+        super().__init__(f"{self.path}: Dask worker {worker} cannot open it ({problem}). The demo cache and every "
+                         "product the workers read or write must be on storage all workers see "
+                         "(a shared filesystem on HPC), under the same absolute path")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # raised on workers, re-raised on the client
+        return (WorkerStorageError, (self.path, self.worker, self.problem))

@@ -25,6 +25,7 @@ spectra are fitted at once as tensors:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -37,7 +38,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from .emulator import Emulator
+from .emulator import Emulator, resolve_device
 
 __all__ = [
     "DEFAULT_BOUNDS",
@@ -99,7 +100,7 @@ class FitConfig:
     # [Fe/H]), and [Fe/H] below 6,000 K from 0.144 to 0.130 dex (with an MSE-trained
     # emulator; the Huber-trained default's numbers are in the README).
     emulator_error: bool = True
-    device: str = "cpu"
+    device: str = "auto"  # "auto" = CUDA when torch sees a GPU (on the worker), else CPU; "cpu"; "cuda"
     threads: int = 0  # torch threads inside one task; 0 = leave as set (cluster plugin)
 
     def __post_init__(self) -> None:
@@ -109,6 +110,9 @@ class FitConfig:
             if not a < b:
                 raise ValueError(f"fit.bounds.{k}: lower bound {a} must be below upper bound {b}")
         object.__setattr__(self, "bounds", merged)
+        from .emulator import check_device
+
+        check_device(self.device, "fit.device")
 
     def bounds_for(self, label_names: Sequence[str]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
         lo, hi = [], []
@@ -402,6 +406,8 @@ def _fit_weighted(emu: Emulator, flux: NDArray, w: NDArray, config: FitConfig, s
     L = emu.n_labels
     if config.threads:
         torch.set_num_threads(config.threads)
+    # "auto" resolved here, where the work runs (a worker may have the GPU the client lacks)
+    config = dataclasses.replace(config, device=resolve_device(config.device, "fit.device"))
     lo_p, hi_p = config.bounds_for(emu.label_names)
     lo_s, hi_s = emu.scale(lo_p), emu.scale(hi_p)
     fluxc = np.where(np.isfinite(flux), flux, 0.0)
@@ -624,6 +630,21 @@ def _fit_block(norm_flux: NDArray, norm_ivar: NDArray, starts: NDArray, emu: Emu
     return table
 
 
+def _load_on_worker(path: str, expected_hash: str | None = None) -> Emulator:
+    """``load_emulator`` in a Dask task: a worker that cannot open the artifact says
+    which worker and which path (it may not see the storage the client wrote it to)."""
+    from .cluster import worker_name
+    from .emulator import load_emulator
+    from .errors import ArtifactError, WorkerStorageError
+
+    try:
+        return load_emulator(path, expected_hash=expected_hash)
+    except (ArtifactError, OSError) as exc:
+        if isinstance(exc, ArtifactError) and "not an emulator artifact" not in str(exc):
+            raise  # a damaged or tampered artifact, not a storage problem: its own message says so
+        raise WorkerStorageError(path, worker_name(), str(exc)) from None
+
+
 def fit_cube(cube, emulator: Any, *, config: FitConfig = FitConfig(),  # noqa: ANN001
              starts: NDArray | None = None, emulator_hash: str | None = None,
              parts_dir: str | os.PathLike[str] | None = None) -> Any:
@@ -648,7 +669,7 @@ def fit_cube(cube, emulator: Any, *, config: FitConfig = FitConfig(),  # noqa: A
         emu_d = dask.delayed(emulator, pure=True)
         names = emulator.label_names
     else:
-        emu_d = dask.delayed(load_emulator, pure=True)(str(emulator), expected_hash=emulator_hash)
+        emu_d = dask.delayed(_load_on_worker, pure=True)(str(emulator), expected_hash=emulator_hash)
         names = load_emulator(emulator, expected_hash=emulator_hash).label_names
     nf = cube["norm_flux"].data
     ni = cube["norm_ivar"].data
