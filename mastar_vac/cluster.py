@@ -31,7 +31,7 @@ from .config import ClusterConfig
 from .errors import ClusterError, ConfigError, WorkerStorageError
 
 __all__ = ["dask_client", "threads_for_torch", "TorchThreads", "slurm_cluster", "worker_cores",
-           "check_worker_storage", "WORKER_CORES_ENV"]
+           "check_worker_storage", "worker_name", "WORKER_CORES_ENV"]
 
 log = logging.getLogger(__name__)
 

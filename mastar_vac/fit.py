@@ -630,7 +630,7 @@ def _fit_block(norm_flux: NDArray, norm_ivar: NDArray, starts: NDArray, emu: Emu
     return table
 
 
-def _load_on_worker(path: str, expected_hash: str | None = None) -> Emulator:
+def _load_emulator_on_worker(path: str, expected_hash: str | None = None) -> Emulator:
     """``load_emulator`` in a Dask task: a worker that cannot open the artifact says
     which worker and which path (it may not see the storage the client wrote it to)."""
     from .cluster import worker_name
@@ -669,7 +669,7 @@ def fit_cube(cube, emulator: Any, *, config: FitConfig = FitConfig(),  # noqa: A
         emu_d = dask.delayed(emulator, pure=True)
         names = emulator.label_names
     else:
-        emu_d = dask.delayed(_load_on_worker, pure=True)(str(emulator), expected_hash=emulator_hash)
+        emu_d = dask.delayed(_load_emulator_on_worker, pure=True)(str(emulator), expected_hash=emulator_hash)
         names = load_emulator(emulator, expected_hash=emulator_hash).label_names
     nf = cube["norm_flux"].data
     ni = cube["norm_ivar"].data

@@ -115,7 +115,7 @@ def test_plugins_on_a_shared_scheduler_are_removed_when_the_build_ends(two_kinds
 
 
 def test_storage_check_and_emulator_load_name_the_path_and_the_worker(two_kinds_of_workers, tmp_path):
-    from mastar_vac.fit import _load_on_worker
+    from mastar_vac.fit import _load_emulator_on_worker
 
     _, client = two_kinds_of_workers
     check_worker_storage(client, tmp_path, read=[tmp_path])  # these workers see it: no error
@@ -125,4 +125,4 @@ def test_storage_check_and_emulator_load_name_the_path_and_the_worker(two_kinds_
         check_worker_storage(client, tmp_path, read=[missing])
     emu = tmp_path / "emulator"
     with pytest.raises(WorkerStorageError, match=rf"{emu}: Dask worker tcp://127.0.0.1:\d+ on .*not an emulator"):
-        client.submit(_load_on_worker, str(emu), pure=False).result()
+        client.submit(_load_emulator_on_worker, str(emu), pure=False).result()
