@@ -86,6 +86,7 @@ from numpy.typing import ArrayLike, NDArray
 from .errors import ConfigError, InputFileError
 from .io.atomic import atomic_dir
 from .io.ferre import write_ferre
+from .io.provenance import sha256_file
 from .wavegrid import air_to_vacuum
 
 __all__ = [
@@ -475,13 +476,6 @@ def build_grid(out_stem: str | os.PathLike[str], spec: GridSpec = GridSpec(), *,
 # ============================================================================ the cache
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def _doppler_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
@@ -498,7 +492,7 @@ def builtin_grid_id(spec: GridSpec = GridSpec(), *, model_path: str | os.PathLik
     p = Path(model_path) if model_path is not None else doppler_data_dir() / spec.model
     if not p.is_file():
         raise InputFileError(p, "file not found", expected="a Cannon model pickle")
-    text = json.dumps({"spec": dataclasses.asdict(spec), "model_sha256": _sha256(p)}, sort_keys=True)
+    text = json.dumps({"spec": dataclasses.asdict(spec), "model_sha256": sha256_file(p)}, sort_keys=True)
     return f"builtin-grid-v{FORMAT_VERSION}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
@@ -526,10 +520,10 @@ def builtin_grid_path(cache_dir: str | os.PathLike[str] | None = None, spec: Gri
             "format_version": FORMAT_VERSION,
             "what": "FERRE grid from a Cannon model of synthetic spectra (thedoppler), not Allende Prieto 2018",
             "spec": dataclasses.asdict(spec),
-            "model_file": str(p), "model_sha256": _sha256(p), "thedoppler_version": _doppler_version(),
+            "model_file": str(p), "model_sha256": sha256_file(p), "thedoppler_version": _doppler_version(),
             "shape": list(spec.shape()), "labels": [a for a, _ in spec.axes()],
             "files": {"hdr": hdr.name, "unf": unf.name},
-            "sha256": {"hdr": _sha256(hdr), "unf": _sha256(unf)},
+            "sha256": {"hdr": sha256_file(hdr), "unf": sha256_file(unf)},
             "bytes": unf.stat().st_size, **facts,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import logging
 import os
@@ -84,6 +83,7 @@ from scipy.special import ndtr, ndtri
 from . import __version__, lsf
 from .errors import MastarVacError
 from .io.allstar import write_allstar
+from .io.provenance import sha256_file
 from .io.gaia_xmatch import write_gaia_xmatch
 from .io.goodspec import write_goodspec
 from .io.mastarall import write_mastarall
@@ -1078,7 +1078,7 @@ def build_demo(out_dir: str | os.PathLike[str], *, seed: int = DEFAULT_SEED, n_s
         "mastar_vac_version": __version__,
         "sdss_mangadap_version": _version("sdss-mangadap"),
         "files": {k: v for k, v in FILE_NAMES.items() if k != "manifest"},
-        "sha256": {k: _sha256(out / v) for k, v in FILE_NAMES.items() if k != "manifest"},
+        "sha256": {k: sha256_file(out / v) for k, v in FILE_NAMES.items() if k != "manifest"},
         "counts": counts,
         "special_rows": {  # rows of the goodspec file / GOODVISITS
             "zero_ivar_visit_row": int(row_of[specials.zero_ivar_visit]),
@@ -1260,13 +1260,6 @@ def _write_visit_sources(path: Path, visits: dict[str, np.ndarray], stars: list[
             w.writerow([visits["MANGAID"][r], int(visits["PLATE"][r]), visits["IFUDESIGN"][r], int(visits["MJD"][r]),
                         library, ident, format(float(coarser_below[r]), ".1f")])
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _version(dist: str) -> str:

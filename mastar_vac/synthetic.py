@@ -508,14 +508,19 @@ def _draw_points(grid: FerreGrid, plan: SyntheticPlan, n: int, config: Synthetic
         elif role.source in ("fixed", "default"):
             x[:, i] = role.value
     x = np.clip(x, lo, hi)
-    lab = np.empty((n, len(plan.label_names)))
+    return _labels_of_points(plan, x), x
+
+
+def _labels_of_points(plan: SyntheticPlan, x: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Our labels (physical units, ``plan.label_names`` order) of grid points ``x``."""
+    lab = np.empty((len(x), len(plan.label_names)))
     for j, name in enumerate(plan.label_names):
         if name in plan.fixed:
             lab[:, j] = plan.fixed[name]
         else:
             a = plan.label_axis[name]
             lab[:, j] = _convert(x[:, a], plan.axes[a].scale, _our_quantity(name)[1])
-    return lab, x
+    return lab
 
 
 def _points_at(grid: FerreGrid, plan: SyntheticPlan, labels: NDArray[np.float64], drawn: NDArray[np.float64]
@@ -531,14 +536,7 @@ def _points_at(grid: FerreGrid, plan: SyntheticPlan, labels: NDArray[np.float64]
             a = plan.label_axis[name]
             x[:, a] = _convert(labels[:, j], _our_quantity(name)[1], plan.axes[a].scale)
     x = np.clip(x, lo, hi)
-    lab = labels.copy()
-    for j, name in enumerate(plan.label_names):
-        if name in plan.fixed:
-            lab[:, j] = plan.fixed[name]
-        else:
-            a = plan.label_axis[name]
-            lab[:, j] = _convert(x[:, a], plan.axes[a].scale, _our_quantity(name)[1])
-    return lab, x
+    return _labels_of_points(plan, x), x
 
 
 # ============================================================================ interpolation

@@ -16,7 +16,16 @@ from typing import Any
 
 from .atomic import atomic_path
 
-__all__ = ["stage_key", "is_current", "record", "read_record"]
+__all__ = ["stage_key", "is_current", "record", "read_record", "sha256_file"]
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 hex digest of a file's bytes, read in 1 MiB pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _plain(v: Any) -> Any:
