@@ -62,7 +62,10 @@ VAC_COLUMNS: tuple[VacColumn, ...] = (
         VacColumn(f"{stem}_ERR", "f4", unit, f"uncertainty of {stem} from the repeat-visit model"),
         VacColumn(f"{stem}_FORMAL_ERR", "f4", unit, f"formal uncertainty of {stem} from the fit covariance"),
     )),
-    VacColumn("CHISQ", "f4", None, "reduced chi-square of the best fit"),
+    VacColumn("CHISQ", "f4", None, "reduced chi-square of the best fit under the data noise alone "
+              "(the paper's statistic; FLAG bit CHI2_HIGH cuts it)"),
+    VacColumn("CHISQ_EMU", "f4", None, "reduced chi-square with the emulator's per-pixel error variance "
+              "added to the noise (the statistic the fit minimizes)"),
     VacColumn("NPIX", "i4", None, "pixels used in the fit"),
     VacColumn("N_ITER", "i4", None, "Levenberg-Marquardt iterations (summed over starts)"),
     VacColumn("FIT_STATUS", "i2", None, "fitter status: 0 ok, 1 max iter, 2 no data, 3 bad fit, 4 error, 5 non-finite"),
@@ -108,9 +111,12 @@ def assemble_catalog(fits: pd.DataFrame, visits: pd.DataFrame, label_names: Sequ
     work = f.copy()
     work["S2N"] = v["S2N"].to_numpy()
     work["MJDQUAL"] = v["MJDQUAL"].to_numpy()
-    work, model, unc_report = calibrate_uncertainties(work, list(label_names), uncertainty or UncertaintyConfig())
+    # flags first: the repeat-visit model learns from visits that pass the quality cuts
+    # only (a pair pinned at a bound has Δ ≈ 0, a χ²-failed one is noise; both bias σ)
     flag, valid = quality_flags(work, list(label_names), training_range=training_range,
                                 config=quality or QualityConfig())
+    work, model, unc_report = calibrate_uncertainties(work, list(label_names), uncertainty or UncertaintyConfig(),
+                                                      valid=np.asarray(valid, bool))
     n = len(work)
     out: dict[str, Any] = {}
     for c in VAC_COLUMNS:
@@ -128,6 +134,8 @@ def assemble_catalog(fits: pd.DataFrame, visits: pd.DataFrame, label_names: Sequ
         out[f"{stem}_ERR"] = work[f"{lab}_REPEAT_ERR"].to_numpy().astype("f4")
         out[f"{stem}_FORMAL_ERR"] = work[f"{lab}_ERR"].to_numpy().astype("f4")
     out["CHISQ"] = work["CHISQ_RED"].to_numpy().astype("f4")
+    if "CHISQ_EMU_RED" in work:  # fit tables written before the column existed lack it (NaN)
+        out["CHISQ_EMU"] = work["CHISQ_EMU_RED"].to_numpy().astype("f4")
     out["NPIX"] = (work["DOF"].fillna(0).to_numpy() + len(label_names) * (work["DOF"].fillna(0).to_numpy() > 0)
                    ).astype("i4")
     out["N_ITER"] = work["N_ITER"].fillna(0).to_numpy().astype("i4")

@@ -133,7 +133,7 @@ class FitResult:
     labels: NDArray[np.float64]  # (n, L); NaN where status says so
     errors: NDArray[np.float64]  # (n, L) formal 1σ (absolute sigma: from the pixel errors alone)
     covariance: NDArray[np.float64]  # (n, L, L)
-    chi2: NDArray[np.float64]
+    chi2: NDArray[np.float64]  # χ² under the data noise alone: the paper's statistic (§4.2)
     dof: NDArray[np.int64]
     n_iter: NDArray[np.int64]
     status: NDArray[np.int64]
@@ -141,11 +141,20 @@ class FitResult:
     at_bound: NDArray[np.bool_]  # (n, L): label on a fit bound
     model: NDArray[np.float32] | None = None  # (n, P) best-fit model, on request
     messages: dict[int, str] = field(default_factory=dict)
+    # χ² with the emulator's per-pixel error variance added to the noise: the statistic
+    # the fit minimizes; None (= chi2) when no emulator error was used
+    chi2_emu: NDArray[np.float64] | None = None
 
     @property
     def chi2_red(self) -> NDArray[np.float64]:
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(self.dof > 0, self.chi2 / np.maximum(self.dof, 1), np.nan)
+
+    @property
+    def chi2_emu_red(self) -> NDArray[np.float64]:
+        c = self.chi2 if self.chi2_emu is None else self.chi2_emu
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(self.dof > 0, c / np.maximum(self.dof, 1), np.nan)
 
 
 # ---------------------------------------------------------------------------
@@ -377,7 +386,8 @@ def fit_spectra(emu: Emulator, flux: NDArray, ivar: NDArray, *, config: FitConfi
     With ``config.emulator_error`` and an emulator that carries its error table, the
     fit runs twice: first with the all-star emulator error added to the noise, then,
     from that solution (and the grid starts), with the error of the Teff bin it found;
-    ``n_iter`` counts both.
+    ``n_iter`` counts both. ``chi2`` is then the paper's χ² (data noise only) at the
+    final labels and ``chi2_emu`` the one the fit minimized (emulator error included).
     """
     flux = np.asarray(flux, np.float64)
     ivar = np.asarray(ivar, np.float64)
@@ -391,15 +401,20 @@ def fit_spectra(emu: Emulator, flux: NDArray, ivar: NDArray, *, config: FitConfi
     first = _fit_weighted(emu, flux, _add_variance(w, emu.pixel_error_for(None)), config, starts, False)
     teff = first.labels[:, emu.label_names.index("TEFF")] if "TEFF" in emu.label_names else None
     second = _fit_weighted(emu, flux, _add_variance(w, emu.pixel_error_for(teff)), config, first.labels,
-                           return_model)
+                           return_model, w_data=w)
     second.n_iter = second.n_iter + first.n_iter
     second.messages = {**first.messages, **second.messages}
     return second
 
 
 def _fit_weighted(emu: Emulator, flux: NDArray, w: NDArray, config: FitConfig, starts: NDArray | None,
-                  return_model: bool) -> FitResult:
-    """The fit of :func:`fit_spectra` with the pixel weights (1/σ²) given."""
+                  return_model: bool, w_data: NDArray | None = None) -> FitResult:
+    """The fit of :func:`fit_spectra` with the pixel weights (1/σ²) given.
+
+    With ``w_data`` (the data-only weights, when ``w`` includes the emulator error) the
+    result's ``chi2`` is evaluated with ``w_data`` at the best fit and ``chi2_emu`` holds
+    the χ² under ``w``; the BAD_FIT test uses the fitted (``w``) statistic.
+    """
     import torch
 
     n, P = flux.shape
@@ -446,6 +461,7 @@ def _fit_weighted(emu: Emulator, flux: NDArray, w: NDArray, config: FitConfig, s
     messages: dict[int, str] = {}
     # the fit sees only the modelled pixels: cut them out once
     fluxp, wp = fluxc[:, net.pixels], w[:, net.pixels]
+    chi2_data = None if w_data is None else np.full(n, np.nan)
 
     def run(idx: NDArray[np.int64]) -> None:
         xb, cb, kb, itb, cvb, Hb = _fit_batch(net, emu, fluxp[idx], wp[idx], S[idx], lo_t, hi_t, config, dtype)
@@ -478,6 +494,8 @@ def _fit_weighted(emu: Emulator, flux: NDArray, w: NDArray, config: FitConfig, s
         with torch.no_grad():
             m = net.model(torch.as_tensor(best_x[r_], dtype=dtype, device=config.device)).double().cpu().numpy()
         best_chi2[r_] = (wp[r_] * (fluxp[r_] - m) ** 2).sum(1)
+        if chi2_data is not None:
+            chi2_data[r_] = (w_data[r_][:, net.pixels] * (fluxp[r_] - m) ** 2).sum(1)
         F = best_H[r_]
         try:
             cs = np.linalg.inv(F)
@@ -506,8 +524,11 @@ def _fit_weighted(emu: Emulator, flux: NDArray, w: NDArray, config: FitConfig, s
         good = ~bad
         if good.any():
             model[good] = emu.predict(labels[good]).astype(np.float32)
-    return FitResult(list(emu.label_names), labels, errors, cov, chi2, dof, n_iter, status, best_k, at_bound,
-                     model, messages)
+    if chi2_data is None:
+        return FitResult(list(emu.label_names), labels, errors, cov, chi2, dof, n_iter, status, best_k, at_bound,
+                         model, messages)
+    return FitResult(list(emu.label_names), labels, errors, cov, chi2_data, dof, n_iter, status, best_k, at_bound,
+                     model, messages, chi2_emu=chi2)
 
 
 def _fit_batch(net: _TorchNet, emu: Emulator, flux: NDArray, w: NDArray, S: NDArray, lo_t: Any, hi_t: Any,
@@ -584,6 +605,9 @@ def result_columns(label_names: Sequence[str]) -> list[str]:
     cols = list(label_names) + [f"{n}_ERR" for n in label_names]
     cols += [f"COV_{a}_{b}" for i, a in enumerate(label_names) for b in label_names[i + 1:]]
     cols += ["CHISQ", "DOF", "CHISQ_RED", "N_ITER", "STATUS", "START", "AT_BOUND"]
+    # CHISQ/CHISQ_RED: data noise only (the paper's, cut at 100); *_EMU: with the
+    # emulator error variance, as minimized
+    cols += ["CHISQ_EMU", "CHISQ_EMU_RED"]
     return cols
 
 
@@ -593,8 +617,9 @@ def result_table(res: FitResult) -> NDArray[np.float64]:
     iu = np.triu_indices(L, 1)
     covs = res.covariance[:, iu[0], iu[1]]
     bound_bits = (res.at_bound * (1 << np.arange(L))).sum(1)
+    chi2_emu = res.chi2 if res.chi2_emu is None else res.chi2_emu
     return np.column_stack([res.labels, res.errors, covs, res.chi2, res.dof, res.chi2_red, res.n_iter, res.status,
-                            res.start_index, bound_bits]).astype(np.float64)
+                            res.start_index, bound_bits, chi2_emu, res.chi2_emu_red]).astype(np.float64)
 
 
 def _fit_block(norm_flux: NDArray, norm_ivar: NDArray, starts: NDArray, emu: Emulator, config: FitConfig,

@@ -30,6 +30,7 @@ __all__ = [
     "plot_emulator_diagnostic",
     "plot_kiel",
     "plot_alpha_feh",
+    "teff_log_ticks",
     "plot_kiel_chi2",
     "plot_example_fits",
     "plot_cmd",
@@ -143,14 +144,26 @@ def _limits(values: NDArray[np.float64], lo: float = 1.0, hi: float = 99.0) -> t
     return float(a), float(b)
 
 
+def teff_log_ticks(lo: float, hi: float, max_ticks: int = 6) -> list[int]:
+    """Round Teff ticks inside [lo, hi] at least a factor ``(hi/lo)^(1/max_ticks)`` (≥ 1.3)
+    apart, so that four-digit labels on a log axis never run into each other
+    (5000 and 6000 are 0.08 dex apart: on a 3–30 kK panel their labels touched)."""
+    candidates = (3000, 4000, 5000, 6000, 8000, 10000, 15000, 20000, 30000)
+    inside = [v for v in candidates if lo <= v <= hi]
+    ratio = max(1.3, (hi / lo) ** (1.0 / max_ticks)) if lo > 0 else 1.3
+    ticks: list[int] = []
+    for v in inside:
+        if not ticks or v / ticks[-1] >= ratio:
+            ticks.append(v)
+    return ticks
+
+
 def _teff_axis(ax: plt.Axes, teff: NDArray[np.float64]) -> None:
     """Teff axis reversed (hot on the left); logarithmic when the stars span B to M types."""
     t = teff[np.isfinite(teff) & (teff > 0)]
     if t.size and t.max() / t.min() > 3.0:
         ax.set_xscale("log")
-        ticks = [v for v in (3000, 4000, 5000, 6000, 8000, 10000, 15000, 20000, 30000)
-                 if t.min() * 0.95 <= v <= t.max() * 1.05]
-        ax.set_xticks(ticks)
+        ax.set_xticks(teff_log_ticks(t.min() * 0.95, t.max() * 1.05))
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())
     if not t.size:

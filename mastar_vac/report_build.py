@@ -40,6 +40,16 @@ def example_fit_rows(vac: pd.DataFrame, n: int = 6) -> np.ndarray:
     return order[pick]
 
 
+def catalogue_text(alpha_fitted: bool) -> str:
+    """The Catalogue section's text: which diagrams there are, and why one is missing."""
+    chi2 = ("the reduced χ² of every fit (the paper's χ², data noise only: the CHISQ column; CHISQ_EMU adds "
+            "the emulator's own error)")
+    if alpha_fitted:
+        return f"Kiel diagram coloured by [Fe/H], [α/Fe]–[Fe/H] coloured by Teff, and {chi2}."
+    return (f"Kiel diagram coloured by [Fe/H] and {chi2}. This run did not fit [α/Fe] (the ALPHA columns are "
+            "NaN), so there is no [α/Fe]–[Fe/H] diagram.")
+
+
 def build_report(ctx: StageContext) -> tuple[Path, Path]:
     from . import __version__
     from .emulator import load_emulator
@@ -53,7 +63,10 @@ def build_report(ctx: StageContext) -> tuple[Path, Path]:
     emu = load_emulator(ctx.emulator_in_use())
     figs: dict[str, Any] = {}
     figs["kiel"] = plot_kiel(vac, d / "kiel_feh.png")
-    figs["alpha"] = plot_alpha_feh(vac, d / "alpha_feh.png")
+    # an [α/Fe]–[Fe/H] panel without [α/Fe] is an empty frame: say so in the text instead
+    alpha_fitted = bool(np.isfinite(vac["ALPHA"].to_numpy(np.float64)).any()) if len(vac) else False
+    if alpha_fitted:
+        figs["alpha"] = plot_alpha_feh(vac, d / "alpha_feh.png")
     figs["chi2"] = plot_kiel_chi2(vac, d / "kiel_chi2.png", chi2_threshold=ctx.cfg.quality.chi2_max)
     rows = example_fit_rows(vac)
     if len(rows):
@@ -80,10 +93,11 @@ def build_report(ctx: StageContext) -> tuple[Path, Path]:
             f"({100 * nv / max(n, 1):.1f}%). Products: `catalog/mastar_vac_params.fits` (FITS VAC) and "
             f"`catalog/mastar_vac_params.parquet` (Parquet dataset)."),
             tables=["bit name                  visits  meaning\n" + "\n".join(flag_lines)]),
-        Section("Catalogue", text="Kiel diagram coloured by [Fe/H], [α/Fe]–[Fe/H] coloured by Teff, and the "
-                "reduced χ² of every fit.",
-                figures=[(figs["kiel"], "Kiel diagram (VALID visits)"), (figs["alpha"], "[α/Fe] vs [Fe/H]"),
-                         (figs["chi2"], "Kiel diagram coloured by reduced χ², and its histogram")]),
+        Section("Catalogue", text=catalogue_text(alpha_fitted),
+                figures=[(figs["kiel"], "Kiel diagram (VALID visits)"),
+                         *([(figs["alpha"], "[α/Fe] vs [Fe/H]")] if alpha_fitted else []),
+                         (figs["chi2"], "Kiel diagram coloured by reduced χ² (data noise only), and its "
+                          "histogram")]),
         Section("Emulator (Figure 5)", text="Fraction of pixels whose emulated flux is within 2% and 4% of the "
                 "observed normalized flux, for the training, test and held-out sets.",
                 tables=[_read(ctx.training_dir / "emulator_diagnostic.txt")],

@@ -380,11 +380,12 @@ def _resolve_features(columns: Sequence[str], label_names: Sequence[str], config
 # ---------------------------------------------------------------------------
 
 def build_pairs(fits: pd.DataFrame, label_names: Sequence[str], *, usable_status: Sequence[int] = (0,),
-                extra_columns: Sequence[str] = ("S2N",)) -> pd.DataFrame:
+                extra_columns: Sequence[str] = ("S2N",), valid: NDArray[np.bool_] | None = None) -> pd.DataFrame:
     """Every pair of usable visits of the same star (same MANGAID).
 
-    A visit is usable when its STATUS is in ``usable_status`` and all its labels are
-    finite. A star with k usable visits gives k(k−1)/2 pairs (not independent, but each
+    A visit is usable when its STATUS is in ``usable_status``, all its labels are
+    finite and, when ``valid`` (one bool per row: passes the quality cuts) is given,
+    it is valid. A star with k usable visits gives k(k−1)/2 pairs (not independent, but each
     is a fair draw of the difference). The frame has ``MANGAID``, ``ROW_1``/``ROW_2``
     (positions in ``fits``), ``<col>_1``/``<col>_2`` for every label, its ``_ERR``
     column (when present) and ``extra_columns``, and per label ``<label>_DIFF`` = x₁ − x₂
@@ -400,6 +401,8 @@ def build_pairs(fits: pd.DataFrame, label_names: Sequence[str], *, usable_status
     status = pd.to_numeric(fits["STATUS"], errors="coerce").to_numpy(np.float64)
     labels = fits[list(label_names)].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
     usable = np.isin(status, np.asarray(usable_status, np.float64)) & np.isfinite(labels).all(axis=1)
+    if valid is not None:
+        usable &= _valid_mask(valid, len(fits))
     idx = np.flatnonzero(usable)
     ids = fits["MANGAID"].astype(str).to_numpy()[idx]
     order = np.argsort(ids, kind="stable")
@@ -428,6 +431,13 @@ def build_pairs(fits: pd.DataFrame, label_names: Sequence[str], *, usable_status
         pairs[f"{n}_DIFF"] = d
         pairs[f"{n}_PAIR_SIGMA"] = PAIR_FACTOR * np.abs(d)
     return pairs
+
+
+def _valid_mask(valid: NDArray[np.bool_], n: int) -> NDArray[np.bool_]:
+    v = np.asarray(valid, bool)
+    if v.shape != (n,):
+        raise ValueError(f"valid has shape {v.shape}, the fits frame {n} rows: one flag per visit is needed")
+    return v
 
 
 def _side(pairs: pd.DataFrame, side: int) -> pd.DataFrame:
@@ -629,10 +639,12 @@ def calibration_widths(pairs: pd.DataFrame, model: ErrorModel) -> dict[str, floa
 
 def precision_table(fits_with_errors: pd.DataFrame, label_names: Sequence[str],
                     teff_bins: Sequence[tuple[float, float]] = DEFAULT_TEFF_BINS, *,
-                    pairs: pd.DataFrame | None = None, usable_status: Sequence[int] = (0,)) -> pd.DataFrame:
+                    pairs: pd.DataFrame | None = None, usable_status: Sequence[int] = (0,),
+                    valid: NDArray[np.bool_] | None = None) -> pd.DataFrame:
     """The Table 3 analogue: per Teff bin and label, the precision of the catalogue.
 
-    Columns: TEFF_LO, TEFF_HI, LABEL, N_VISITS (usable visits with Teff in [lo, hi)),
+    Columns: TEFF_LO, TEFF_HI, LABEL, N_VISITS (usable — and, with ``valid``, valid —
+    visits with Teff in [lo, hi)),
     N_PAIRS (repeat pairs whose mean Teff is in the bin), FORMAL_ERR (median formal
     error), REPEAT_PREC (median of (√π/2)·|Δ| — the paper's per-pair estimator; note
     the median of it is ≈ 0.85 σ for Gaussian pairs), REPEAT_PREC_MEAN (its mean, the
@@ -642,9 +654,12 @@ def precision_table(fits_with_errors: pd.DataFrame, label_names: Sequence[str],
     if "TEFF" not in fits_with_errors.columns:
         raise KeyError("precision_table bins by Teff: the frame has no TEFF column")
     if pairs is None:
-        pairs = build_pairs(fits_with_errors, label_names, usable_status=usable_status, extra_columns=("TEFF",))
+        pairs = build_pairs(fits_with_errors, label_names, usable_status=usable_status, extra_columns=("TEFF",),
+                            valid=valid)
     status = pd.to_numeric(fits_with_errors["STATUS"], errors="coerce").to_numpy(np.float64)
     usable = np.isin(status, np.asarray(usable_status, np.float64))
+    if valid is not None:
+        usable &= _valid_mask(valid, len(fits_with_errors))
     teff = pd.to_numeric(fits_with_errors["TEFF"], errors="coerce").to_numpy(np.float64)
     if len(pairs):
         pteff = 0.5 * (pairs["TEFF_1"].to_numpy(np.float64) + pairs["TEFF_2"].to_numpy(np.float64))
@@ -713,15 +728,19 @@ def _json_safe(v: Any) -> Any:
 
 
 def calibrate_uncertainties(fits: pd.DataFrame, label_names: Sequence[str],
-                            config: UncertaintyConfig = UncertaintyConfig()
+                            config: UncertaintyConfig = UncertaintyConfig(), *,
+                            valid: NDArray[np.bool_] | None = None
                             ) -> tuple[pd.DataFrame, ErrorModel, dict[str, Any]]:
     """Repeat-visit error model for a fit table: returns a copy of ``fits`` with
     ``<label>_REPEAT_ERR`` for every visit, the :class:`ErrorModel`, and a JSON-able
     report (pairs per label, model kind, calibration widths, the precision table, the
-    model itself; non-finite numbers as null)."""
+    model itself; non-finite numbers as null).
+
+    ``valid`` (one bool per row, the quality cuts' verdict) restricts the pairs and the
+    precision table to visits that pass the cuts; every visit still gets its error."""
     label_names = list(label_names)
     extra = list(dict.fromkeys([config.snr_column, *(f for f in config.features if f in fits.columns)]))
-    pairs = build_pairs(fits, label_names, usable_status=config.usable_status, extra_columns=extra)
+    pairs = build_pairs(fits, label_names, usable_status=config.usable_status, extra_columns=extra, valid=valid)
     model = fit_error_model(pairs, label_names, config)
     out = fits.copy()
     for name, sigma in model.predict(fits).items():
@@ -729,7 +748,8 @@ def calibrate_uncertainties(fits: pd.DataFrame, label_names: Sequence[str],
     widths = calibration_widths(pairs, model)
     table = None
     if "TEFF" in label_names:
-        table = precision_table(out, label_names, config.teff_bins, pairs=pairs, usable_status=config.usable_status)
+        table = precision_table(out, label_names, config.teff_bins, pairs=pairs, usable_status=config.usable_status,
+                                valid=valid)
         log.info("repeat-visit precision:\n%s", format_precision_table(table))
     else:
         log.warning("no TEFF label: the precision table (binned by Teff) is skipped")
@@ -740,6 +760,7 @@ def calibrate_uncertainties(fits: pd.DataFrame, label_names: Sequence[str],
                  widths[name])
     report = {
         "n_pairs_total": int(len(pairs)),
+        "pairs_from": "visits passing the quality cuts" if valid is not None else "every usable visit",
         "n_stars_with_pairs": n_stars,
         "n_pairs": {n: model.labels[n].n_pairs for n in label_names},
         "kind": {n: model.labels[n].kind for n in label_names},

@@ -182,10 +182,39 @@ def test_emulator_error_downweights_pixels_the_emulator_cannot_reproduce():
     d_plain = np.median(np.abs(plain.labels - truth), axis=0)
     d_weighted = np.median(np.abs(weighted.labels - truth), axis=0)
     assert np.all(d_weighted < 0.5 * d_plain), (d_plain, d_weighted)
-    assert np.median(weighted.chi2_red) < 2.0 < np.median(plain.chi2_red)
+    # the minimized χ² (emulator error included) describes the misfit; the data-only one
+    # cannot fall below the plain fit's, which minimized it
+    assert np.median(weighted.chi2_emu_red) < 2.0 < np.median(plain.chi2_red) <= np.median(weighted.chi2_red)
     # a second pass ran from the first one's solution: more iterations than one pass
     one = fit_spectra(emu, f, iv, config=FitConfig(emulator_error=False, n_grid_starts=2))
     assert weighted.n_iter.sum() > one.n_iter.sum()
     # the error of the bin the star falls in is used, the all-star row where Teff is NaN
     rows = emu.pixel_error_for(np.array([5000.0, 7000.0, 9000.0, np.nan]))
     np.testing.assert_array_equal(rows, err[[1, 2, 3, 0]])
+
+
+def test_chi2_is_data_noise_only_and_chi2_emu_has_the_emulator_error():
+    """The paper's χ² (data noise alone) is ``chi2``; the one the fit minimized, with the
+    emulator's per-pixel error variance added, is ``chi2_emu``; both go to the table."""
+    import dataclasses
+
+    base = toy_emulator()
+    err = np.full((4, base.n_pixels), 0.02, np.float32)
+    emu = dataclasses.replace(base, pixel_error=err, pixel_error_edges=np.array([6000.0, 8000.0]))
+    truth = toy_labels(20, seed=4)
+    f, iv = _noisy(emu, truth, sn=100, seed=2)
+    res = fit_spectra(emu, f, iv, return_model=True)
+    ok = res.status == STATUS["OK"]
+    assert ok.sum() >= 15
+    w = np.where(emu.pixel_mask[None, :], iv, 0.0)
+    direct = (w * (f - res.model) ** 2).sum(1)
+    np.testing.assert_allclose(res.chi2[ok], direct[ok], rtol=1e-3)
+    direct_emu = (w / (1 + w * 0.02 ** 2) * (f - res.model) ** 2).sum(1)
+    np.testing.assert_allclose(res.chi2_emu[ok], direct_emu[ok], rtol=1e-3)
+    assert np.all(res.chi2_emu[ok] < res.chi2[ok])
+    cols = result_columns(emu.label_names)
+    from mastar_vac.fit import result_table
+
+    table = result_table(res)
+    np.testing.assert_allclose(table[ok, cols.index("CHISQ_RED")], res.chi2_red[ok])
+    np.testing.assert_allclose(table[ok, cols.index("CHISQ_EMU_RED")], res.chi2_emu_red[ok])

@@ -8,8 +8,9 @@ import pytest
 
 from mastar_vac import isochrones as iso
 
-h5py = pytest.importorskip("h5py")
-lachesis_grids = pytest.importorskip("lachesis_grids")
+# hard dependencies: a broken install must fail here, not skip
+import h5py  # noqa: E402
+import lachesis_grids  # noqa: E402
 
 
 @pytest.fixture(scope="module")

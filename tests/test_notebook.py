@@ -16,9 +16,10 @@ from mastar_vac.io.vac import write_vac_parquet
 
 from .test_vac import make_vac_frame
 
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-ipykernel_kernelspec = pytest.importorskip("ipykernel.kernelspec")
+# the [test] extra is required to run the tests: a missing one must fail, not skip
+import ipykernel.kernelspec as ipykernel_kernelspec  # noqa: E402
+import nbclient  # noqa: E402
+import nbformat  # noqa: E402
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "explore_catalog.ipynb"
 KERNEL = "mastar-vac-test-python"

@@ -95,3 +95,20 @@ def test_overwrite_is_atomic(tmp_path, catalog):
     plots.plot_kiel(catalog.iloc[:10], p)
     assert p.read_bytes() != first and _is_png(p)
     _no_leftovers(tmp_path)
+
+
+def test_teff_log_ticks_never_crowd():
+    """On a 3–30 kK log axis the old ticks put 5000 and 6000 0.08 dex apart (labels ran
+    together as "60005000"): neighbours are now at least a factor 1.3 apart."""
+    for lo, hi in [(2850, 31500), (3000, 12000), (4000, 25000), (2900, 6300)]:
+        t = plots.teff_log_ticks(lo, hi)
+        assert len(t) >= 2 and all(lo <= v <= hi for v in t)
+        assert all(b / a >= 1.3 for a, b in zip(t, t[1:])), t
+    assert 5000 not in plots.teff_log_ticks(2850, 31500) or 6000 not in plots.teff_log_ticks(2850, 31500)
+
+
+def test_report_omits_alpha_panel_when_not_fitted():
+    from mastar_vac.report_build import catalogue_text
+
+    assert "did not fit [α/Fe]" in catalogue_text(False) and "[α/Fe]–[Fe/H] coloured" not in catalogue_text(False)
+    assert "[α/Fe]–[Fe/H] coloured by Teff" in catalogue_text(True)
