@@ -229,6 +229,22 @@ def _from_dict(cls: type, data: Any, where: str) -> Any:
 
 def _validate(cfg: Config) -> None:
     where = str(cfg.source) if cfg.source else "config"
+    # tables keyed by label name: a misspelt label (TEFFF) would otherwise be kept and
+    # never read, and the default silently used for the label meant
+    from .fit import DEFAULT_BOUNDS
+    from .uncertainty import DEFAULT_FLOORS
+
+    known = sorted(set(DEFAULT_BOUNDS) | set(DEFAULT_FLOORS) | set(cfg.emulator.labels))
+    for table, keys in (("fit.bounds", cfg.fit.bounds), ("uncertainty.floor", cfg.uncertainty.floor)):
+        unknown = sorted(set(keys) - set(known))
+        if unknown:
+            raise ConfigError(f"{where}: [{table}] unknown label(s) {', '.join(unknown)}; "
+                              f"known: {', '.join(known)}")
+    if cfg.inputs.combspec is not None:
+        # accepted and never read would be a silent key: refuse it until something reads it
+        raise ConfigError(f"{where}: inputs.combspec = {cfg.inputs.combspec}: the LSF-homogenized combined "
+                          "spectra are the input of the resolution study (paper §5.1), which this version does "
+                          "not run; remove the key (the build reads goodspec)")
     if cfg.cube.chunk < 1:
         raise ConfigError(f"{where}: cube.chunk must be >= 1, got {cfg.cube.chunk}")
     if cfg.normalize.window < 3:

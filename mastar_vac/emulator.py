@@ -250,7 +250,9 @@ class Emulator:
         return m.to(device=device, dtype=dtype or torch.float32).eval()
 
     def content_hash(self) -> str:
-        """SHA-256 of the weights, scaling, grid and labels (what defines the model)."""
+        """SHA-256 of everything that steers a fit: weights, scaling, grid, labels, the
+        per-pixel error table and the configuration (which holds the start grid), so a
+        tampered start grid is detected like a tampered weight."""
         h = hashlib.sha256()
         for k in sorted(self.weights):
             h.update(k.encode())
@@ -263,7 +265,21 @@ class Emulator:
             assert self.pixel_error_edges is not None
             h.update(np.ascontiguousarray(self.pixel_error, np.float32).tobytes())
             h.update(np.ascontiguousarray(self.pixel_error_edges, np.float64).tobytes())
+        h.update(json.dumps(_canonical(self.config), sort_keys=True).encode())
         return h.hexdigest()
+
+
+def _canonical(value: Any) -> Any:
+    """The configuration as plain JSON values (arrays as float lists) for hashing."""
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return np.asarray(value, np.float64).tolist() if value.dtype.kind in "fiub" else value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 def _torch_activation(name: str) -> Any:

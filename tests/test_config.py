@@ -89,3 +89,23 @@ def test_slurm_profile_makes_a_job_script():
         assert "#SBATCH" in script and "--constraint=cpu" in script and "-t 02:00:00" in script and "--nworkers 4" in script
     finally:
         cluster.close()
+
+
+@pytest.mark.parametrize("table, line, name", [
+    ("fit.bounds", "TEFFF = [3000, 32000]", "TEFFF"),
+    ("uncertainty.floor", "LOGGG = 0.01", "LOGGG"),
+])
+def test_nested_label_tables_refuse_unknown_labels(tmp_path, table, line, name):
+    """A misspelt label in a nested table used to be kept and never read (the default
+    then silently applied to the label meant)."""
+    p = _write(tmp_path, f"[inputs]\ndemo = true\n[{table}]\n{line}\n")
+    with pytest.raises(ConfigError, match=rf"\[{table}\] unknown label\(s\) {name}; known: .*TEFF"):
+        load_config(p)
+    ok = _write(tmp_path, f"[inputs]\ndemo = true\n[{table}]\n{line.replace(name, name[:-1])}\n")
+    load_config(ok)  # the right spelling loads
+
+
+def test_combspec_is_refused_not_ignored(tmp_path):
+    p = _write(tmp_path, "[inputs]\ndemo = true\ncombspec = '/no/such/file'\n")
+    with pytest.raises(ConfigError, match="inputs.combspec .* resolution study"):
+        load_config(p)

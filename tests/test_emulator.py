@@ -239,3 +239,23 @@ def test_huber_training_resists_stars_with_wrong_labels():
     with pytest.raises(ValueError, match="loss must be one of"):
         train_emulator(lab, flux, ivar, label_names=LABELS, wave=wave, config=TrainConfig(loss="cauchy"),
                        progress=False)
+
+
+def test_content_hash_covers_start_grid_and_error_table():
+    """A tampered start grid (in the configuration) or error table changes the hash."""
+    import dataclasses
+
+    from .toy import toy_emulator
+
+    emu = toy_emulator()
+    grid = np.array([[5000.0, 4.0, 0.0], [6000.0, 4.5, -0.5]])
+    a = dataclasses.replace(emu, config={**emu.config, "start_grid": grid.tolist()})
+    tampered = grid.copy()
+    tampered[1, 0] = 9000.0
+    b = dataclasses.replace(emu, config={**emu.config, "start_grid": tampered.tolist()})
+    assert a.content_hash() != b.content_hash()
+    assert a.content_hash() == dataclasses.replace(emu, config={**emu.config, "start_grid": grid}).content_hash()
+    err = np.full((3, emu.n_pixels), 0.01, np.float32)  # all stars + two Teff bins
+    c = dataclasses.replace(a, pixel_error=err, pixel_error_edges=np.array([6000.0]))
+    d = dataclasses.replace(a, pixel_error=err * 2, pixel_error_edges=np.array([6000.0]))
+    assert c.content_hash() != d.content_hash() != a.content_hash()
