@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import logging
 import os
 import time
@@ -622,24 +623,40 @@ def result_table(res: FitResult) -> NDArray[np.float64]:
                             res.start_index, bound_bits, chi2_emu, res.chi2_emu_red]).astype(np.float64)
 
 
+def _block_fingerprint(norm_flux: NDArray, norm_ivar: NDArray) -> str:
+    """SHA-256 of a block's spectra: a checkpoint is reused only for the same data."""
+    h = hashlib.sha256()
+    for a in (norm_flux, norm_ivar):
+        a = np.ascontiguousarray(a)
+        h.update(str((a.shape, a.dtype.str)).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def _fit_block(norm_flux: NDArray, norm_ivar: NDArray, starts: NDArray, emu: Emulator, config: FitConfig,
                parts_dir: str | None = None, block_info: dict | None = None) -> NDArray[np.float64]:
     """Fit one block; with ``parts_dir``, keep the result as a checkpoint file.
 
     A block whose checkpoint exists is read back instead of refitted: a killed run
-    resumes with the blocks it finished (the directory is specific to the emulator,
-    the cube and the fit settings, so a checkpoint is never stale).
+    resumes with the blocks it finished. The directory is specific to the emulator, the
+    cube and the fit settings; each checkpoint also records the cube rows it covers and
+    a fingerprint of those rows' spectra, and is reused only when both match — so a
+    resume with another chunking (or another cube under the same name) never takes a
+    checkpoint of other rows.
     """
     part = None
     if parts_dir is not None and block_info is not None:
-        i = block_info[0]["chunk-location"][0]
-        part = Path(parts_dir) / f"block-{i:05d}.npy"
+        start, stop = (int(x) for x in block_info[0]["array-location"][0])
+        fingerprint = _block_fingerprint(norm_flux, norm_ivar)
+        part = Path(parts_dir) / f"rows-{start:09d}-{stop:09d}.npz"
         if part.exists():
             try:
-                done = np.load(part, allow_pickle=False)
-                if done.shape[0] == len(norm_flux):
-                    return done
-            except (OSError, ValueError):
+                with np.load(part, allow_pickle=False) as z:
+                    same = (int(z["start"]), int(z["stop"]), str(z["fingerprint"])) == (start, stop, fingerprint)
+                    if same and z["table"].shape[0] == len(norm_flux):
+                        return np.array(z["table"])
+                log.info("fit checkpoint %s is for other data; rows %d-%d are fitted again", part, start, stop)
+            except (OSError, ValueError, KeyError):
                 pass  # a damaged checkpoint is recomputed
     t0 = time.perf_counter()
     res = fit_spectra(emu, norm_flux, norm_ivar, config=config,
@@ -651,7 +668,7 @@ def _fit_block(norm_flux: NDArray, norm_ivar: NDArray, starts: NDArray, emu: Emu
 
         with atomic_path(part) as tmp:
             with open(tmp, "wb") as fh:
-                np.save(fh, table)
+                np.savez(fh, table=table, start=start, stop=stop, fingerprint=fingerprint)
     return table
 
 

@@ -162,9 +162,9 @@ def test_worker_killed_mid_fit_on_a_separate_cluster(shared, local_reference, lo
             pids = c.run(os.getpid)  # asked before the fit: the kill follows the first block at once
         blocks = cwd / "out" / "fit"
         deadline = time.time() + 300
-        while not list(blocks.glob(".blocks-*/block-*.npy")) and time.time() < deadline and proc.poll() is None:
+        while not list(blocks.glob(".blocks-*/rows-*.npz")) and time.time() < deadline and proc.poll() is None:
             time.sleep(0.01)
-        n_before = len(list(blocks.glob(".blocks-*/block-*.npy")))
+        n_before = len(list(blocks.glob(".blocks-*/rows-*.npz")))
         os.kill(next(iter(pids.values())), signal.SIGKILL)  # its nanny starts a new worker process
         fitted_at_kill = (blocks / "fits.parquet").exists()
         out, _ = proc.communicate(timeout=600)

@@ -59,9 +59,9 @@ def _fit_on_cluster(cube: xr.Dataset, emu_path: Path, parts: Path | None, kill: 
         if kill:
             assert parts is not None
             deadline = time.time() + 120
-            while len(list(parts.glob("block-*.npy"))) < 3 and time.time() < deadline:
+            while len(list(parts.glob("rows-*.npz"))) < 3 and time.time() < deadline:
                 time.sleep(0.05)
-            n_before = len(list(parts.glob("block-*.npy")))
+            n_before = len(list(parts.glob("rows-*.npz")))
             victim = next(iter(client.run(os.getpid).values()))
             os.kill(victim, signal.SIGKILL)  # a worker dies with blocks in flight
         return fut.result(timeout=300), n_before
@@ -166,7 +166,7 @@ def test_killed_build_resumes_to_the_same_catalogue(uninterrupted, stage, marker
     assert "stage report ran" not in log  # it really died before the end
     assert not (tmp / out / "catalog" / "mastar_vac_params.parquet").exists()
     cube_done = _cube_complete(tmp / out / "cube.zarr")
-    n_blocks = len(list((tmp / out / "fit").glob(".blocks-*/block-*.npy")))
+    n_blocks = len(list((tmp / out / "fit").glob(".blocks-*/rows-*.npz")))
     again = _build(cfg, tmp)
     assert again.returncode == 0, again.stderr[-3000:]
     text = again.stdout + again.stderr
@@ -319,3 +319,21 @@ def test_four_workers_on_two_cores_complete_and_report_memory(tmp_path):
     assert len(mon.peaks) == 4 and restarts == 0
     print("peak RSS per worker (GB):", {k.rsplit(":", 1)[-1]: round(v, 2) for k, v in mon.peaks.items()})
     assert max(mon.peaks.values()) < 1.0  # under the 1 GiB limit: no worker was paused or killed
+
+
+def test_stale_parts_are_found_in_subfolders(tmp_path):
+    """A killed run leaves partial files in the stages' own folders (fit/, catalog/, a
+    partial folder with files inside); all are removed, finished products are not."""
+    from mastar_vac.io.atomic import remove_stale_parts
+
+    (tmp_path / "fit").mkdir()
+    (tmp_path / "catalog" / "deep").mkdir(parents=True)
+    (tmp_path / "fit" / ".fits.parquet.part-123").write_text("half")
+    (tmp_path / "catalog" / "deep" / ".x.fits.part-9").write_text("half")
+    folder = tmp_path / ".cube.zarr.part-7"
+    (folder / "inner").mkdir(parents=True)
+    (folder / "inner" / ".y.part-1").write_text("inside a partial folder")
+    (tmp_path / "fit" / "fits.parquet").write_text("finished")
+    assert remove_stale_parts(tmp_path) == 3
+    assert not list(tmp_path.rglob(".*.part-*"))
+    assert (tmp_path / "fit" / "fits.parquet").read_text() == "finished"

@@ -149,14 +149,36 @@ def test_fit_cube_resumes_from_block_checkpoints(tmp_path, monkeypatch):
     monkeypatch.setattr(fitmod, "fit_spectra", dying)
     with pytest.raises(KeyboardInterrupt):
         fit_cube(cube, emu, parts_dir=parts).compute(scheduler="sync")
-    n_done = len(list(parts.glob("block-*.npy")))
+    n_done = len(list(parts.glob("rows-*.npz")))
     assert n_done == 2
     calls["n"] = -100
     df = fit_cube(cube, emu, parts_dir=parts).compute(scheduler="sync")
     assert calls["n"] == -100 + (3 - n_done)  # only the unfinished blocks were fitted again
-    assert len(list(parts.glob("block-*.npy"))) == 3
+    assert len(list(parts.glob("rows-*.npz"))) == 3
     ref = fit_cube(cube, emu).compute(scheduler="sync")
     np.testing.assert_array_equal(df["TEFF"].to_numpy(), ref["TEFF"].to_numpy())
+
+
+def test_resume_never_takes_a_checkpoint_of_other_rows(tmp_path):
+    """A resume with another chunking, or another cube in the same checkpoint folder,
+    refits the rows instead of reusing a checkpoint made for other rows (the old
+    checkpoints were found by block index and checked by row count only)."""
+    emu = toy_emulator()
+    truth = toy_labels(24, seed=21)
+    truth[:, 0] = np.clip(truth[:, 0], 4500, 8500)
+    f, iv = _noisy(emu, truth, seed=8)
+    parts = tmp_path / "parts"
+    ref = fit_cube(toy_cube(f, iv, 8), emu).compute(scheduler="sync")
+    fit_cube(toy_cube(f, iv, 8), emu, parts_dir=parts).compute(scheduler="sync")
+    # the same folder, the rows in another order, the same chunk sizes: every row count matches
+    order = np.arange(24)[::-1]
+    df = fit_cube(toy_cube(f[order], iv[order], 8), emu, parts_dir=parts).compute(scheduler="sync")
+    # float32 fits of a different batch agree to ~0.01 K; a checkpoint of other rows is off by 1000s
+    np.testing.assert_allclose(df["TEFF"].to_numpy(), ref["TEFF"].to_numpy()[order], atol=1.0)
+    # rechunked (12 per block): rows 0-11 and 12-23 have no checkpoint of their own
+    df = fit_cube(toy_cube(f, iv, 12), emu, parts_dir=parts).compute(scheduler="sync")
+    np.testing.assert_allclose(df["TEFF"].to_numpy(), ref["TEFF"].to_numpy(), atol=1.0)
+    assert (parts / "rows-000000000-000000012.npz").exists()
 
 
 def test_emulator_error_downweights_pixels_the_emulator_cannot_reproduce():

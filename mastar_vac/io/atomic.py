@@ -55,12 +55,16 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def remove_stale_parts(directory: str | os.PathLike[str]) -> int:
-    """Delete ``.*.part-*`` leftovers of killed runs in ``directory``; return how many."""
-    n = 0
+    """Delete ``.*.part-*`` leftovers of killed runs anywhere under ``directory`` (the
+    stages write into subfolders: fit/, catalog/, training/, …); return how many."""
     d = Path(directory)
     if not d.is_dir():
         return 0
-    for p in d.glob(".*.part-*"):
+    found = sorted(d.rglob(".*.part-*"), key=lambda p: len(p.parts))
+    removed: list[Path] = []
+    for p in found:
+        if any(r in p.parents for r in removed):
+            continue  # inside a partial folder already removed
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        n += 1
-    return n
+        removed.append(p)
+    return len(removed)
