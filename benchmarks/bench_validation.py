@@ -81,7 +81,7 @@ def main() -> None:
 
     real = {lib: library_at_mastar_resolution(ref.ids[emp], demo_files().root, library=lib)
             for lib in ("MILES", "STELIB")}
-    miles_row = {int(i): k for k, i in enumerate(emp)}
+    emp_row = {int(i): k for k, i in enumerate(emp)}  # rows of the library spectra (emp order)
     cube = open_cube(args.demo_output / "cube.zarr")
     visit_ids = cube["mangaid"].values.astype(str)
     vsel_all, vref_all = visits_of(visit_ids, ref.ids[emp], ref.labels[emp])
@@ -116,12 +116,12 @@ def main() -> None:
         _, df = validate_fit(emu, ref.labels[held], ref.flux[held], ref.ivar[held], config=cfg.fit, snr=50.0,
                              seed=cfg.run.seed + k)
         coadd_fit[held] = df[[f"FIT_{n}" for n in ref.label_names]].to_numpy()
-        rows = [miles_row[int(i)] for i in held]
+        rows = [emp_row[int(i)] for i in held]
         for lib, (lf, li) in real.items():
             accuracy[lib].append(flux_accuracy(emu, ref.labels[held], lf[rows], li[rows]))
-        if len(synth):
-            accuracy_synth.append(flux_accuracy(emu, ref.labels[split["test"]], ref.flux[split["test"]],
-                                                ref.ivar[split["test"]]))
+        st = split["test"][ref.source[split["test"]] == "synthetic"]  # never pooled with real ones
+        if len(st):
+            accuracy_synth.append(flux_accuracy(emu, ref.labels[st], ref.flux[st], ref.ivar[st]))
         t = per_fold_visits[-1]
         print(f"fold {k + 1}/{args.folds}: {len(held)} held-out stars, {len(vs)} visits; per visit MAD Teff "
               f"{t['Teff < 6000 K']['TEFF']['mad']:.0f} K (< 6000 K) / {t['Teff > 6000 K']['TEFF']['mad']:.0f} K "

@@ -265,21 +265,9 @@ class Emulator:
             assert self.pixel_error_edges is not None
             h.update(np.ascontiguousarray(self.pixel_error, np.float32).tobytes())
             h.update(np.ascontiguousarray(self.pixel_error_edges, np.float64).tobytes())
-        h.update(json.dumps(_canonical(self.config), sort_keys=True).encode())
+        # the same JSON form the artifact stores (save_emulator), so a loaded copy hashes alike
+        h.update(json.dumps(self.config, sort_keys=True, default=_json_default).encode())
         return h.hexdigest()
-
-
-def _canonical(value: Any) -> Any:
-    """The configuration as plain JSON values (arrays as float lists) for hashing."""
-    if isinstance(value, dict):
-        return {str(k): _canonical(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_canonical(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return np.asarray(value, np.float64).tolist() if value.dtype.kind in "fiub" else value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def _torch_activation(name: str) -> Any:

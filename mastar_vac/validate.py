@@ -180,8 +180,9 @@ def validate_visits(emu: Emulator, flux: NDArray, ivar: NDArray, reference_label
     reference_labels = np.asarray(reference_labels, np.float64)
     res = fit_spectra(emu, flux, ivar, config=config)
     table = label_residuals(res.labels, reference_labels, emu.label_names)
-    table["median_snr"] = float(np.nanmedian(median_snr(flux, ivar))) if len(flux) else float("nan")
-    df = pd.DataFrame({"snr": median_snr(flux, ivar), "status": res.status, "chi2_red": res.chi2_red})
+    snr = median_snr(flux, ivar)
+    table["median_snr"] = float(np.nanmedian(snr)) if len(flux) else float("nan")
+    df = pd.DataFrame({"snr": snr, "status": res.status, "chi2_red": res.chi2_red})
     for j, n in enumerate(emu.label_names):
         df[f"REF_{n}"] = reference_labels[:, j]
         df[f"FIT_{n}"] = res.labels[:, j]
