@@ -97,6 +97,10 @@ class Emulator:
     # so pixels the network cannot reproduce for such a star weigh less.
     pixel_error: NDArray[np.float32] | None = None
     pixel_error_edges: NDArray[np.float64] | None = None
+    # The reference LSF the network's output is at: σ_ref per pixel of ``wave``, in
+    # pixels of ``wave``. A fit with ``[fit] lsf = "forward"`` broadens the output by each
+    # visit's differential kernel (mastar_vac.lsf.differential_kernel) and needs it.
+    lsf_sigma_ref: NDArray[np.float64] | None = None
 
     def __post_init__(self) -> None:
         self.x_min = np.asarray(self.x_min, np.float64)
@@ -110,6 +114,8 @@ class Emulator:
             self.pixel_error = np.asarray(self.pixel_error, np.float32)
             self.pixel_error_edges = np.asarray(
                 self.pixel_error_edges if self.pixel_error_edges is not None else [], np.float64)
+        if self.lsf_sigma_ref is not None:
+            self.lsf_sigma_ref = np.asarray(self.lsf_sigma_ref, np.float64)
         self.validate()
         self._cache: dict[Any, Any] = {}
 
@@ -160,6 +166,11 @@ class Emulator:
                 raise ArtifactError("pixel error table must be finite and non-negative")
             if np.any(np.diff(self.pixel_error_edges) <= 0):
                 raise ArtifactError("pixel error Teff edges must increase")
+        if self.lsf_sigma_ref is not None:
+            if self.lsf_sigma_ref.shape != (P,):
+                raise ArtifactError(f"lsf_sigma_ref has shape {self.lsf_sigma_ref.shape}, expected ({P},)")
+            if not (np.isfinite(self.lsf_sigma_ref).all() and (self.lsf_sigma_ref >= 0).all()):
+                raise ArtifactError("lsf_sigma_ref must be finite and non-negative (pixels)")
         unknown = set(self.log_labels) - set(self.label_names)
         if unknown:
             raise ArtifactError(f"log_labels {sorted(unknown)} are not labels of this emulator")
@@ -251,8 +262,9 @@ class Emulator:
 
     def content_hash(self) -> str:
         """SHA-256 of everything that steers a fit: weights, scaling, grid, labels, the
-        per-pixel error table and the configuration (which holds the start grid), so a
-        tampered start grid is detected like a tampered weight."""
+        per-pixel error table, the reference LSF (when recorded) and the configuration
+        (which holds the start grid), so a tampered start grid is detected like a tampered
+        weight."""
         h = hashlib.sha256()
         for k in sorted(self.weights):
             h.update(k.encode())
@@ -265,6 +277,9 @@ class Emulator:
             assert self.pixel_error_edges is not None
             h.update(np.ascontiguousarray(self.pixel_error, np.float32).tobytes())
             h.update(np.ascontiguousarray(self.pixel_error_edges, np.float64).tobytes())
+        if self.lsf_sigma_ref is not None:  # the LSF the output is at steers a forward fit
+            h.update(b"lsf_sigma_ref")
+            h.update(np.ascontiguousarray(self.lsf_sigma_ref, np.float64).tobytes())
         # the same JSON form the artifact stores (save_emulator), so a loaded copy hashes alike
         h.update(json.dumps(self.config, sort_keys=True, default=_json_default).encode())
         return h.hexdigest()
@@ -658,6 +673,8 @@ def save_emulator(emu: Emulator, directory: str | os.PathLike[str]) -> Path:
     if emu.pixel_error is not None:
         tensors["pixel_error"] = emu.pixel_error
         tensors["pixel_error_edges"] = emu.pixel_error_edges
+    if emu.lsf_sigma_ref is not None:
+        tensors["lsf_sigma_ref"] = emu.lsf_sigma_ref
     meta = {
         "format": ARTIFACT_FORMAT,
         "label_names": emu.label_names,
@@ -711,6 +728,7 @@ def load_emulator(directory: str | os.PathLike[str], *, expected_hash: str | Non
             pixel_mask=t["pixel_mask"].astype(bool) if "pixel_mask" in t else None,
             log_labels=tuple(meta.get("log_labels", ())),
             pixel_error=t.get("pixel_error"), pixel_error_edges=t.get("pixel_error_edges"),
+            lsf_sigma_ref=t.get("lsf_sigma_ref"),
         )
     except KeyError as exc:
         raise ArtifactError(f"{directory}: artifact lacks {exc}") from None

@@ -34,7 +34,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -66,6 +66,8 @@ DEFAULT_BOUNDS: dict[str, tuple[float, float]] = {
     "ALPHA_M": (-1.0, 1.0),
     "LOG10_VMICRO": (-1.1, 1.1),
 }
+
+LSF_MODES = ("forward", "ignore")
 
 STATUS = {
     "OK": 0,  # converged
@@ -103,6 +105,11 @@ class FitConfig:
     emulator_error: bool = True
     device: str = "auto"  # "auto" = CUDA when torch sees a GPU (on the worker), else CPU; "cpu"; "cuda"
     threads: int = 0  # torch threads inside one task; 0 = leave as set (cluster plugin)
+    # the visit's line-spread function: "ignore" fits the emulator's spectrum as it is (the
+    # paper, §2.2); "forward" broadens it by each visit's differential kernel
+    # σ_k² = σ_visit² − σ_ref² (the cube's DISP against the emulator's lsf_sigma_ref), model
+    # and Jacobian alike (issue 14)
+    lsf: Literal["forward", "ignore"] = "ignore"
 
     def __post_init__(self) -> None:
         # a [fit.bounds] table names only the labels it changes
@@ -111,6 +118,8 @@ class FitConfig:
             if not a < b:
                 raise ValueError(f"fit.bounds.{k}: lower bound {a} must be below upper bound {b}")
         object.__setattr__(self, "bounds", merged)
+        if self.lsf not in LSF_MODES:
+            raise ValueError(f"fit.lsf: expected one of {list(LSF_MODES)}, got {self.lsf!r}")
         from .emulator import check_device
 
         check_device(self.device, "fit.device")
@@ -211,11 +220,18 @@ class _TorchNet:
         return h2 @ self.W2.T + self.b2
 
     def model_jac(self, x: Any) -> tuple[Any, Any]:
-        """Model (B, P) and Jacobian (B, L, P) w.r.t. the scaled labels, from one GEMM.
+        """Model (B, P) and Jacobian (B, L, P) w.r.t. the scaled labels, from one GEMM."""
+        out = self.model_jac_block(x)
+        return out[:, 0, :], out[:, 1:, :]
+
+    def model_jac_block(self, x: Any, channels_first: bool = False) -> Any:
+        """Model and Jacobian as one (B, 1+L, P) block: row 0 the model, rows 1… ∂/∂x;
+        with ``channels_first`` as (1+L, B, P) (what the LSF operator reads, :class:`_Band`).
 
         Mᵀ = W0ᵀ·diag(σ'(a0))·W1ᵀ·diag(σ'(a1)) per spectrum (L × H, small), stacked under
         h2 as [h2 | Mᵀ] of shape (B·(1+L), H); one GEMM with W2ᵀ gives the model and every
-        column of the Jacobian with P innermost, the layout the χ² reductions want.
+        column of the Jacobian with P innermost, the layout the χ² reductions want (and
+        the block the LSF operator is applied to in one go, :class:`_Band`).
         """
         torch = self.torch
         B = x.shape[0]
@@ -223,9 +239,15 @@ class _TorchNet:
         h2, d1 = self._act(h1 @ self.W1.T + self.b1)
         At = d0[:, None, :] * self.W0T[None]  # (B, L, H)
         Mt = torch.matmul(At, self.W1T) * d1[:, None, :]  # (B, L, H)
+        if channels_first:
+            Zt = torch.cat([h2[None], Mt.transpose(0, 1)], dim=0).reshape((1 + self.L) * B, self.H)
+            out = (Zt @ self.W2T).reshape(1 + self.L, B, self.P)  # (1+L, B, P)
+            out[0] += self.b2
+            return out
         Zt = torch.cat([h2[:, None, :], Mt], dim=1).reshape(B * (1 + self.L), self.H)
         out = (Zt @ self.W2T).reshape(B, 1 + self.L, self.P)  # (B, 1+L, P)
-        return out[:, 0, :] + self.b2, out[:, 1:, :]
+        out[:, 0, :] += self.b2
+        return out
 
     def normal_equations(self, x: Any, f: Any, w: Any) -> tuple[Any, Any, Any]:
         """χ² (B,), JᵀW(f − m) (B, L) and JᵀWJ (B, L, L) at ``x``: everything an LM step
@@ -249,15 +271,23 @@ def _net_for(emu: Emulator, device: str, dtype: str) -> _TorchNet:
     return emu.cached(("net", device, dtype), lambda: _TorchNet(emu, device, getattr(torch, dtype)))
 
 
-def _lm(net: _TorchNet, x0: Any, f: Any, w: Any, lo: Any, hi: Any, cfg: FitConfig) -> tuple[Any, ...]:
+def _lm(net: _TorchNet, x0: Any, f: Any, w: Any, lo: Any, hi: Any, cfg: FitConfig,
+        band: _Band | None = None) -> tuple[Any, ...]:
     """Batched projected Levenberg–Marquardt in scaled label space.
 
     Only (B, L)-sized state is kept between iterations (labels, χ², JᵀWr, JᵀWJ, λ);
     rows that converge leave the working set, which is compacted so that finished
     spectra cost nothing. Returns x, χ², JᵀWJ at x (the Fisher matrix), iterations and a
-    converged flag, for every row of ``x0``.
+    converged flag, for every row of ``x0``. With ``band`` (one LSF operator per row) the
+    model and Jacobian are broadened before the χ² (:func:`_normal_equations_lsf`).
     """
     torch = net.torch
+    evaluate = net.normal_equations
+    if band is not None:
+        # whitened once: the data become √w·f and the operator diag(√w)·C, which the
+        # compaction below carries along like f and w
+        f, w = _whiten(f, w, band)
+        evaluate = functools.partial(_normal_equations_lsf, net)
     B, L = x0.shape
     dev, dt = x0.device, x0.dtype
     out_x = torch.clamp(x0, lo, hi)
@@ -267,7 +297,7 @@ def _lm(net: _TorchNet, x0: Any, f: Any, w: Any, lo: Any, hi: Any, cfg: FitConfi
     out_conv = torch.zeros(B, dtype=torch.bool, device=dev)
     rows = torch.arange(B, device=dev)
     x = out_x.clone()
-    chi2, g, Hm = net.normal_equations(x, f, w)
+    chi2, g, Hm = evaluate(x, f, w)
     lam = torch.full((B,), cfg.lambda0, dtype=dt, device=dev)
     it = torch.zeros(B, dtype=torch.int64, device=dev)
     eye = torch.eye(L, dtype=dt, device=dev)
@@ -304,7 +334,7 @@ def _lm(net: _TorchNet, x0: Any, f: Any, w: Any, lo: Any, hi: Any, cfg: FitConfi
             if rows.numel() == 0:
                 break
         xn = torch.clamp(x + delta, lo, hi)
-        cn, gn, Hn = net.normal_equations(xn, f, w)
+        cn, gn, Hn = evaluate(xn, f, w)
         ok = torch.isfinite(cn) & (cn < chi2)
         improve = chi2 - cn
         it += 1
@@ -377,7 +407,8 @@ def _add_variance(w: NDArray, sigma: float | NDArray) -> NDArray[np.float64]:
 
 
 def fit_spectra(emu: Emulator, flux: NDArray, ivar: NDArray, *, config: FitConfig = FitConfig(),
-                starts: NDArray | None = None, return_model: bool = False) -> FitResult:
+                starts: NDArray | None = None, return_model: bool = False,
+                lsf_sigma: NDArray | None = None) -> FitResult:
     """Fit normalized spectra (n, P) with the emulator; see the module docstring.
 
     ``starts`` are extra starting labels (n, L) or (n, K, L) in physical units — e.g.
@@ -389,6 +420,12 @@ def fit_spectra(emu: Emulator, flux: NDArray, ivar: NDArray, *, config: FitConfi
     from that solution (and the grid starts), with the error of the Teff bin it found;
     ``n_iter`` counts both. ``chi2`` is then the paper's χ² (data noise only) at the
     final labels and ``chi2_emu`` the one the fit minimized (emulator error included).
+
+    With ``config.lsf == "forward"``, ``lsf_sigma`` (n, P) is each spectrum's LSF σ in
+    pixels of the emulator's grid, and the model fitted to spectrum i is the emulator's
+    spectrum broadened by its differential kernel against ``emu.lsf_sigma_ref``
+    (:func:`lsf_kernels`); the returned ``model`` is broadened too. With "ignore",
+    ``lsf_sigma`` is not used.
     """
     flux = np.asarray(flux, np.float64)
     ivar = np.asarray(ivar, np.float64)
@@ -396,21 +433,36 @@ def fit_spectra(emu: Emulator, flux: NDArray, ivar: NDArray, *, config: FitConfi
         raise ValueError(f"flux {flux.shape} and ivar {ivar.shape} must be the same (n, pixels) shape")
     if flux.shape[1] != emu.n_pixels:
         raise ValueError(f"spectra have {flux.shape[1]} pixels, the emulator {emu.n_pixels}")
+    kern = _forward_kernels(emu, config, lsf_sigma, len(flux))
     w = _effective_weights(emu, flux, ivar, config)
     if not config.emulator_error or emu.pixel_error is None:
-        return _fit_weighted(emu, flux, w, config, starts, return_model)
-    first = _fit_weighted(emu, flux, _add_variance(w, emu.pixel_error_for(None)), config, starts, False)
+        return _fit_weighted(emu, flux, w, config, starts, return_model, kern=kern)
+    first = _fit_weighted(emu, flux, _add_variance(w, emu.pixel_error_for(None)), config, starts, False, kern=kern)
     teff = first.labels[:, emu.label_names.index("TEFF")] if "TEFF" in emu.label_names else None
     second = _fit_weighted(emu, flux, _add_variance(w, emu.pixel_error_for(teff)), config, first.labels,
-                           return_model, w_data=w)
+                           return_model, w_data=w, kern=kern)
     second.n_iter = second.n_iter + first.n_iter
     second.messages = {**first.messages, **second.messages}
     return second
 
 
+def _forward_kernels(emu: Emulator, config: FitConfig, lsf_sigma: NDArray | None, n: int) -> _LsfKernels | None:
+    """The per-spectrum LSF kernels when ``config.lsf`` asks for the forward model."""
+    if config.lsf == "ignore":
+        return None
+    if emu.lsf_sigma_ref is None:
+        raise ValueError(_no_sigma_ref_message(emu))
+    if lsf_sigma is None:
+        raise ValueError("[fit] lsf = 'forward' needs each spectrum's LSF σ (lsf_sigma, in pixels); none was given")
+    if np.shape(lsf_sigma)[0] != n:
+        raise ValueError(f"lsf_sigma has {np.shape(lsf_sigma)[0]} rows for {n} spectra")
+    return lsf_kernels(emu, lsf_sigma)
+
+
 def _fit_weighted(emu: Emulator, flux: NDArray, w: NDArray, config: FitConfig, starts: NDArray | None,
-                  return_model: bool, w_data: NDArray | None = None) -> FitResult:
-    """The fit of :func:`fit_spectra` with the pixel weights (1/σ²) given.
+                  return_model: bool, w_data: NDArray | None = None, kern: _LsfKernels | None = None) -> FitResult:
+    """The fit of :func:`fit_spectra` with the pixel weights (1/σ²) given (and, for the
+    LSF forward model, the spectra's kernels ``kern``).
 
     With ``w_data`` (the data-only weights, when ``w`` includes the emulator error) the
     result's ``chi2`` is evaluated with ``w_data`` at the best fit and ``chi2_emu`` holds
@@ -465,7 +517,8 @@ def _fit_weighted(emu: Emulator, flux: NDArray, w: NDArray, config: FitConfig, s
     chi2_data = None if w_data is None else np.full(n, np.nan)
 
     def run(idx: NDArray[np.int64]) -> None:
-        xb, cb, kb, itb, cvb, Hb = _fit_batch(net, emu, fluxp[idx], wp[idx], S[idx], lo_t, hi_t, config, dtype)
+        xb, cb, kb, itb, cvb, Hb = _fit_batch(net, emu, fluxp[idx], wp[idx], S[idx], lo_t, hi_t, config, dtype,
+                                              kern=None if kern is None else kern.rows(idx))
         best_x[idx], best_chi2[idx], best_k[idx], n_iter[idx], conv[idx], best_H[idx] = xb, cb, kb, itb, cvb, Hb
 
     for b0 in range(0, len(idx_fit), per_batch):
@@ -493,7 +546,10 @@ def _fit_weighted(emu: Emulator, flux: NDArray, w: NDArray, config: FitConfig, s
     for s0 in range(0, len(rows), 1024):
         r_ = rows[s0:s0 + 1024]
         with torch.no_grad():
-            m = net.model(torch.as_tensor(best_x[r_], dtype=dtype, device=config.device)).double().cpu().numpy()
+            m = net.model(torch.as_tensor(best_x[r_], dtype=dtype, device=config.device))
+            if kern is not None:
+                m = _Band.from_kernels(kern.rows(r_), 1, config.device, dtype).apply(m)
+            m = m.double().cpu().numpy()
         best_chi2[r_] = (wp[r_] * (fluxp[r_] - m) ** 2).sum(1)
         if chi2_data is not None:
             chi2_data[r_] = (w_data[r_][:, net.pixels] * (fluxp[r_] - m) ** 2).sum(1)
@@ -524,7 +580,8 @@ def _fit_weighted(emu: Emulator, flux: NDArray, w: NDArray, config: FitConfig, s
         model = np.full((n, P), np.nan, np.float32)
         good = ~bad
         if good.any():
-            model[good] = emu.predict(labels[good]).astype(np.float32)
+            pred = emu.predict(labels[good])
+            model[good] = (pred if kern is None else kern.rows(np.flatnonzero(good)).apply(pred)).astype(np.float32)
     if chi2_data is None:
         return FitResult(list(emu.label_names), labels, errors, cov, chi2, dof, n_iter, status, best_k, at_bound,
                          model, messages)
@@ -533,7 +590,7 @@ def _fit_weighted(emu: Emulator, flux: NDArray, w: NDArray, config: FitConfig, s
 
 
 def _fit_batch(net: _TorchNet, emu: Emulator, flux: NDArray, w: NDArray, S: NDArray, lo_t: Any, hi_t: Any,
-               cfg: FitConfig, dtype: Any) -> tuple[NDArray, ...]:
+               cfg: FitConfig, dtype: Any, kern: _LsfKernels | None = None) -> tuple[NDArray, ...]:
     """LM from every start of each spectrum in the batch; keep the lowest χ².
 
     Returns the scaled labels, χ², start index, iterations (summed over starts), the
@@ -544,8 +601,9 @@ def _fit_batch(net: _TorchNet, emu: Emulator, flux: NDArray, w: NDArray, S: NDAr
     xs = torch.as_tensor(emu.scale(S.reshape(nb * K, L)), dtype=dtype, device=cfg.device)
     f = torch.as_tensor(np.repeat(flux, K, axis=0), dtype=dtype, device=cfg.device)
     wt = torch.as_tensor(np.repeat(w, K, axis=0), dtype=dtype, device=cfg.device)
+    band = None if kern is None else _Band.from_kernels(kern, K, cfg.device, dtype)
     with torch.no_grad():
-        x, chi2, H, it, done = _lm(net, xs, f, wt, lo_t, hi_t, cfg)
+        x, chi2, H, it, done = _lm(net, xs, f, wt, lo_t, hi_t, cfg, band=band)
     chi2 = chi2.double().cpu().numpy().reshape(nb, K)
     chi2 = np.where(np.isfinite(chi2), chi2, np.inf)
     k = chi2.argmin(1)
@@ -555,15 +613,230 @@ def _fit_batch(net: _TorchNet, emu: Emulator, flux: NDArray, w: NDArray, S: NDAr
 
 
 # ---------------------------------------------------------------------------
+# the line-spread forward model (issue 14): one banded kernel per visit
+# ---------------------------------------------------------------------------
+
+# The kernels' support: the taps of the widest kernel that weigh at least this much.
+# Every tap costs one pass over the (1+L, B, P) block, and the 5σ support would hold
+# taps of 1e-9; the kernel's width is re-solved for the shorter support, so its
+# variance stays exactly σ_k² and its shape changes by ~1e-5 of the flux — far below
+# the emulator's own error (~1e-2).
+_LSF_TAP_TOL = 1e-5
+# spectra per chunk when the kernels are built (bounds the float64 temporaries)
+_LSF_BUILD_ROWS = 64
+
+
+@dataclass
+class _LsfKernels:
+    """Every spectrum's differential kernel on the modelled pixels, in the layout the
+    torch operator reads: ``weights`` (n, T, S) float32 over the span S of the modelled
+    pixels (from ``start``), for ``offsets`` (T,), renormalized over the modelled
+    pixels (taps onto pixels the emulator does not model weigh 0); ``rel`` the modelled
+    pixels' positions in the span, None where they are the whole span."""
+
+    weights: NDArray[np.float32]
+    offsets: NDArray[np.int64]
+    start: int
+    rel: NDArray[np.int64] | None
+    n_sharper: NDArray[np.int64]  # per spectrum: pixels where the visit is sharper than σ_ref
+
+    def rows(self, idx: NDArray[np.int64]) -> _LsfKernels:
+        return _LsfKernels(self.weights[idx], self.offsets, self.start, self.rel, self.n_sharper[idx])
+
+    def apply(self, model: NDArray) -> NDArray[np.float64]:
+        """The operator on full-grid spectra (n, P) in numpy (the modelled pixels are
+        broadened, the others returned as they are)."""
+        from .lsf import apply_band
+
+        out = np.array(model, np.float64)
+        S = self.weights.shape[2]
+        span = out[:, self.start:self.start + S]
+        if self.rel is not None:
+            span = np.where(np.isin(np.arange(S), self.rel)[None, :], span, 0.0)
+        b = apply_band(span, np.swapaxes(self.weights, 1, 2), self.offsets)
+        pix = np.arange(S) if self.rel is None else self.rel
+        out[:, self.start + pix] = b[:, pix]
+        return out
+
+
+def lsf_kernels(emu: Emulator, lsf_sigma: NDArray, *, tol: float = _LSF_TAP_TOL) -> _LsfKernels:
+    """The differential kernels of spectra whose LSF σ is ``lsf_sigma`` (n, P), in pixels
+    of the emulator's grid, against the emulator's σ_ref (``emu.lsf_sigma_ref``).
+
+    Unusable σ (non-finite, ≤ 0) are filled from the visit's other pixels
+    (:func:`mastar_vac.lsf.fill_sigma`; a visit without any gets σ_ref, i.e. no
+    broadening, with a warning). Pixels where a visit is sharper than σ_ref get the
+    identity (the model cannot be sharpened); they are counted, and logged."""
+    from . import lsf
+
+    if emu.lsf_sigma_ref is None:
+        raise ValueError(_no_sigma_ref_message(emu))
+    ref = emu.lsf_sigma_ref
+    sig = np.asarray(lsf_sigma, np.float64)
+    if sig.ndim != 2 or sig.shape[1] != emu.n_pixels:
+        raise ValueError(f"lsf_sigma has shape {sig.shape}, expected (n, {emu.n_pixels}) (σ in pixels per visit)")
+    sig, n_filled = lsf.fill_sigma(sig, ref)
+    if n_filled.any():
+        empty = int((n_filled == emu.n_pixels).sum())
+        log.warning("LSF σ unusable (non-finite or <= 0) in %d pixels of %d spectra, filled from the visit's "
+                    "other pixels; %d spectra without any usable σ are fitted at σ_ref", int(n_filled.sum()),
+                    int((n_filled > 0).sum()), empty)
+    pix = np.flatnonzero(emu.pixel_mask)
+    p0, p1 = int(pix[0]), int(pix[-1]) + 1
+    rel = None if len(pix) == p1 - p0 else pix - p0
+    sk, _ = lsf.differential_sigma(sig[:, p0:p1], ref[p0:p1])
+    kmax = lsf.band_halfwidth(float(sk.max()) if sk.size else 0.0, tol)
+    n, S, T = len(sig), p1 - p0, 2 * kmax + 1
+    weights = np.empty((n, T, S), np.float32)
+    n_sharper = np.zeros(n, np.int64)
+    valid = emu.pixel_mask[p0:p1]
+    for a in range(0, n, _LSF_BUILD_ROWS):
+        k = lsf.differential_kernel(sig[a:a + _LSF_BUILD_ROWS, p0:p1], ref[p0:p1], kmax=kmax)
+        weights[a:a + _LSF_BUILD_ROWS] = np.swapaxes(lsf.restrict_band(k.weights, k.offsets, valid), 1, 2)
+        n_sharper[a:a + _LSF_BUILD_ROWS] = (k.n_sharper if rel is None else
+                                            (sig[a:a + _LSF_BUILD_ROWS, pix] < ref[pix]).sum(1))
+    if n_sharper.any():
+        log.info("LSF forward model: %d of %d spectra are sharper than σ_ref somewhere (%.2f%% of their modelled "
+                 "pixels); the model is left at σ_ref there", int((n_sharper > 0).sum()), n,
+                 100 * n_sharper.sum() / max(n * len(pix), 1))
+    return _LsfKernels(weights, np.arange(-kmax, kmax + 1, dtype=np.int64), p0, rel, n_sharper)
+
+
+def _no_sigma_ref_message(emu: Emulator) -> str:
+    return (f"[fit] lsf = 'forward' needs the reference LSF the emulator predicts at, and emulator "
+            f"{emu.content_hash()[:12]}… (labels {', '.join(emu.label_names)}) records none (lsf_sigma_ref); "
+            f"use lsf = 'ignore' or an emulator trained with a reference LSF")
+
+
+class _Band:
+    """One banded operator per row on the net's modelled pixels, in torch:
+    out[i] = Σ_t w[t, i]·x[i + offsets[t]] (gather form; taps beyond the span read 0 —
+    the weights are renormalized for that, as :func:`mastar_vac.lsf.broaden` does).
+
+    Applied to the model-and-Jacobian block it broadens the model and every column of
+    the Jacobian by the same linear operator, so the derivatives stay exact. Each tap is
+    one fused multiply-add over the block. On the CPU that pass is memory-bound, so rows
+    go through in chunks of ~0.5 MB that stay in cache and are reduced to χ², JᵀWr and
+    JᵀWJ before the next chunk (:func:`_normal_equations_lsf`); on a GPU in one go.
+    """
+
+    def __init__(self, weights: Any, offsets: Sequence[int], rel: Any | None) -> None:
+        self.weights = weights  # (B, T, S)
+        self.offsets = [int(k) for k in offsets]
+        self.centre = self.offsets.index(0)  # offsets are −K … K: the centre tap writes, the others add
+        self.rel = rel  # (P,) long tensor, or None where the modelled pixels are the span
+
+    @classmethod
+    def from_kernels(cls, kern: _LsfKernels, repeat: int, device: str, dtype: Any) -> _Band:
+        import torch
+
+        w = torch.as_tensor(kern.weights, dtype=dtype, device=device)
+        if repeat > 1:  # one row per start, all with the spectrum's kernel
+            w = w.repeat_interleave(repeat, dim=0)
+        rel = None if kern.rel is None else torch.as_tensor(kern.rel, dtype=torch.long, device=device)
+        return cls(w, kern.offsets, rel)
+
+    def __getitem__(self, rows: Any) -> _Band:
+        return _Band(self.weights[rows], self.offsets, self.rel)
+
+    def scaled(self, s: Any) -> _Band:
+        """diag(s)·C, ``s`` (B, P) on the modelled pixels."""
+        if self.rel is not None:
+            full = s.new_zeros(s.shape[0], self.weights.shape[2])
+            full[:, self.rel] = s
+            s = full
+        return _Band(self.weights * s[:, None, :], self.offsets, self.rel)
+
+    def chunk_rows(self, C: int, device: Any) -> int:
+        """Rows per chunk: the whole batch on a GPU, ~0.5 MB of block on the CPU."""
+        B, _, S = self.weights.shape
+        return max(B, 1) if device.type != "cpu" else max(1, (1 << 17) // max(C * S, 1))
+
+    def to_span(self, xc: Any) -> Any:
+        """(C, B, P) on the modelled pixels → (C, B, S) on their span (zeros between)."""
+        if self.rel is None:
+            return xc
+        out = xc.new_zeros(xc.shape[0], xc.shape[1], self.weights.shape[2])
+        out[..., self.rel] = xc
+        return out
+
+    def apply_rows(self, xc: Any, a: int, b: int) -> Any:
+        """C·x for rows a…b of a channels-first block ``xc`` (C, b − a, S) on the span;
+        returns a new (C, b − a, P) tensor on the modelled pixels."""
+        import torch
+
+        S = xc.shape[-1]
+        w = self.weights[a:b]
+        out = torch.mul(xc, w[None, :, self.centre, :])
+        for t, k in enumerate(self.offsets):
+            if k > 0:
+                out[..., :S - k].addcmul_(xc[..., k:], w[None, :, t, :S - k])
+            elif k < 0:
+                out[..., -k:].addcmul_(xc[..., :S + k], w[None, :, t, -k:])
+        return out if self.rel is None else out[..., self.rel]
+
+    def apply(self, x: Any) -> Any:
+        """C·x for x (B, P) or (B, C, P) on the modelled pixels; returns the same shape."""
+        squeeze = x.ndim == 2
+        xc = self.to_span((x[:, None, :] if squeeze else x).transpose(0, 1))
+        C, B = xc.shape[:2]
+        step = self.chunk_rows(C, x.device)
+        out = torch_cat_rows([self.apply_rows(xc[:, a:a + step], a, a + step) for a in range(0, B, step)])
+        out = out.transpose(0, 1)  # (B, C, P)
+        return out[:, 0, :].contiguous() if squeeze else out.contiguous()
+
+
+def torch_cat_rows(parts: list[Any]) -> Any:
+    import torch
+
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _whiten(f: Any, w: Any, band: _Band) -> tuple[Any, _Band]:
+    """√w·f and diag(√w)·C: the χ² and its normal equations then need no weight pass."""
+    sw = w.sqrt()
+    return sw * f, band.scaled(sw)
+
+
+def _normal_equations_lsf(net: _TorchNet, x: Any, sf: Any, band_w: _Band) -> tuple[Any, Any, Any]:
+    """:meth:`_TorchNet.normal_equations` with the model and Jacobian broadened by each
+    row's kernel C: with R = diag(√w)·C·[m | J] (one operator pass over the block),
+    χ² = |√w·f − R₀|², JᵀW(f − m) → R_Jᵀ(√w·f − R₀) and JᵀWJ → R_J R_Jᵀ. R is made and
+    reduced chunk by chunk of rows (:meth:`_Band.chunk_rows`), never stored whole."""
+    torch = net.torch
+    blk = band_w.to_span(net.model_jac_block(x, channels_first=True))  # (1+L, B, S)
+    C, B = blk.shape[:2]
+    chi2 = x.new_empty(B)
+    g = x.new_empty(B, C - 1)
+    Hm = x.new_empty(B, C - 1, C - 1)
+    step = band_w.chunk_rows(C, x.device)
+    for a in range(0, B, step):
+        b = min(B, a + step)
+        R = band_w.apply_rows(blk[:, a:b], a, b)
+        r = sf[a:b] - R[0]
+        RJ = R[1:].transpose(0, 1)  # (rows, L, P), P innermost
+        chi2[a:b] = (r * r).sum(1)
+        g[a:b] = torch_bmv(RJ, r)
+        torch.matmul(RJ, RJ.transpose(1, 2), out=Hm[a:b])
+    return chi2, g, Hm
+
+
+# ---------------------------------------------------------------------------
 # the paper's method, for comparison: curve_fit per spectrum
 # ---------------------------------------------------------------------------
 
 def fit_curve_fit(emu: Emulator, flux: NDArray, ivar: NDArray, start: NDArray, *,
-                  config: FitConfig = FitConfig(), analytic_jacobian: bool = False) -> tuple[NDArray, NDArray, float]:
+                  config: FitConfig = FitConfig(), analytic_jacobian: bool = False,
+                  lsf_sigma: NDArray | None = None) -> tuple[NDArray, NDArray, float]:
     """One spectrum with ``scipy.optimize.curve_fit`` (trust-region reflective, bounds),
-    as in Imig et al. 2022 §3.2. Returns (labels, covariance, χ²) in physical units."""
+    as in Imig et al. 2022 §3.2. Returns (labels, covariance, χ²) in physical units.
+
+    With ``config.lsf == "forward"`` the model is the one the batched fitter uses: the
+    emulator's spectrum broadened by the visit's differential kernel (``lsf_sigma`` (P,),
+    σ in pixels), in float64 numpy."""
     from scipy.optimize import curve_fit
 
+    kern = _forward_kernels(emu, config, None if lsf_sigma is None else np.atleast_2d(lsf_sigma), 1)
     w = _effective_weights(emu, np.atleast_2d(flux), np.atleast_2d(ivar), config)[0]
     good = w > 0
     lo_p, hi_p = config.bounds_for(emu.label_names)
@@ -576,6 +849,8 @@ def fit_curve_fit(emu: Emulator, flux: NDArray, ivar: NDArray, start: NDArray, *
         x = np.asarray(p)
         h1 = _act_numpy(act, W["w0"] @ x + W["b0"])
         h2 = _act_numpy(act, W["w1"] @ h1 + W["b1"])
+        if kern is not None:  # broadened on the whole grid, then the fitted pixels taken
+            return kern.apply((W["w2"] @ h2 + W["b2"])[None])[0][good]
         return (W["w2"][good] @ h2 + W["b2"][good])
 
     jac = None
@@ -587,6 +862,8 @@ def fit_curve_fit(emu: Emulator, flux: NDArray, ivar: NDArray, start: NDArray, *
 
             J = np.zeros((emu.n_pixels, emu.n_labels))
             J[net.pixels] = net.model_jac(torch.as_tensor(np.asarray(p)[None], dtype=torch.float64))[1][0].numpy().T
+            if kern is not None:  # the same operator on every column: exact derivatives
+                J = kern.rows(np.zeros(emu.n_labels, np.int64)).apply(J.T).T
             return J[good]
 
     p0 = np.clip(emu.scale(np.asarray(start, float)), lo + 1e-9, hi - 1e-9)
@@ -623,10 +900,11 @@ def result_table(res: FitResult) -> NDArray[np.float64]:
                             res.start_index, bound_bits, chi2_emu, res.chi2_emu_red]).astype(np.float64)
 
 
-def _block_fingerprint(norm_flux: NDArray, norm_ivar: NDArray) -> str:
-    """SHA-256 of a block's spectra: a checkpoint is reused only for the same data."""
+def _block_fingerprint(norm_flux: NDArray, norm_ivar: NDArray, disp: NDArray | None = None) -> str:
+    """SHA-256 of a block's spectra (and, for the LSF forward model, their DISP): a
+    checkpoint is reused only for the same data."""
     h = hashlib.sha256()
-    for a in (norm_flux, norm_ivar):
+    for a in (norm_flux, norm_ivar) + (() if disp is None else (disp,)):
         a = np.ascontiguousarray(a)
         h.update(str((a.shape, a.dtype.str)).encode())
         h.update(a.tobytes())
@@ -634,7 +912,8 @@ def _block_fingerprint(norm_flux: NDArray, norm_ivar: NDArray) -> str:
 
 
 def _fit_block(norm_flux: NDArray, norm_ivar: NDArray, starts: NDArray, emu: Emulator, config: FitConfig,
-               parts_dir: str | None = None, block_info: dict | None = None) -> NDArray[np.float64]:
+               parts_dir: str | None = None, block_info: dict | None = None,
+               disp: NDArray | None = None) -> NDArray[np.float64]:
     """Fit one block; with ``parts_dir``, keep the result as a checkpoint file.
 
     A block whose checkpoint exists is read back instead of refitted: a killed run
@@ -642,12 +921,13 @@ def _fit_block(norm_flux: NDArray, norm_ivar: NDArray, starts: NDArray, emu: Emu
     cube and the fit settings; each checkpoint also records the cube rows it covers and
     a fingerprint of those rows' spectra, and is reused only when both match — so a
     resume with another chunking (or another cube under the same name) never takes a
-    checkpoint of other rows.
+    checkpoint of other rows. ``disp``: the block's DISP (LSF σ in Å), for the LSF
+    forward model.
     """
     part = None
     if parts_dir is not None and block_info is not None:
         start, stop = (int(x) for x in block_info[0]["array-location"][0])
-        fingerprint = _block_fingerprint(norm_flux, norm_ivar)
+        fingerprint = _block_fingerprint(norm_flux, norm_ivar, disp)
         part = Path(parts_dir) / f"rows-{start:09d}-{stop:09d}.npz"
         if part.exists():
             try:
@@ -660,7 +940,8 @@ def _fit_block(norm_flux: NDArray, norm_ivar: NDArray, starts: NDArray, emu: Emu
                 pass  # a damaged checkpoint is recomputed
     t0 = time.perf_counter()
     res = fit_spectra(emu, norm_flux, norm_ivar, config=config,
-                      starts=starts if np.isfinite(starts).any() else None)
+                      starts=starts if np.isfinite(starts).any() else None,
+                      lsf_sigma=None if disp is None else disp_to_pixels(disp, emu.wave))
     table = result_table(res)
     log.debug("fitted %d spectra in %.1fs", len(norm_flux), time.perf_counter() - t0)
     if part is not None:
@@ -670,6 +951,26 @@ def _fit_block(norm_flux: NDArray, norm_ivar: NDArray, starts: NDArray, emu: Emu
             with open(tmp, "wb") as fh:
                 np.savez(fh, table=table, start=start, stop=stop, fingerprint=fingerprint)
     return table
+
+
+def disp_to_pixels(disp: NDArray, wave: NDArray) -> NDArray[np.float64]:
+    """The cube's DISP (LSF 1σ in Å per pixel, as MaStar's goodspec and the MaNGA RSS
+    files carry it, datamodels.md §1.2/§1.9) → σ in pixels of the fit's grid ``wave``.
+    Unusable values stay non-finite or ≤ 0 and are filled by :func:`lsf_kernels`."""
+    from .lsf import sigma_to_pixels
+
+    d = np.asarray(disp, np.float64)
+    if d.shape[-1] != len(wave):
+        raise ValueError(f"DISP has {d.shape[-1]} pixels, the fit's grid {len(wave)}")
+    with np.errstate(invalid="ignore"):
+        return sigma_to_pixels(d, wave)
+
+
+def _fit_block_lsf(norm_flux: NDArray, norm_ivar: NDArray, starts: NDArray, disp: NDArray, emu: Emulator,
+                   config: FitConfig, parts_dir: str | None = None,
+                   block_info: dict | None = None) -> NDArray[np.float64]:
+    """:func:`_fit_block` with the block's DISP (the map_blocks form for lsf = "forward")."""
+    return _fit_block(norm_flux, norm_ivar, starts, emu, config, parts_dir, block_info, disp=disp)
 
 
 def _load_emulator_on_worker(path: str, expected_hash: str | None = None) -> Emulator:
@@ -698,6 +999,9 @@ def fit_cube(cube, emulator: Any, *, config: FitConfig = FitConfig(),  # noqa: A
     same way). ``starts`` (nvisit, L): physical starting labels or NaN. ``parts_dir``:
     keep each block's result there as a checkpoint (see :func:`_fit_block`). The frame
     is keyed by (MANGAID, PLATE, IFUDESIGN, MJD), one row per visit, in cube order.
+
+    With ``config.lsf == "forward"`` each block's ``disp`` (LSF σ in Å) goes to the fit,
+    converted to pixels of the emulator's grid (:func:`disp_to_pixels`).
     """
     import dask
     import dask.array as da
@@ -710,9 +1014,17 @@ def fit_cube(cube, emulator: Any, *, config: FitConfig = FitConfig(),  # noqa: A
     if isinstance(emulator, Emulator):
         emu_d = dask.delayed(emulator, pure=True)
         names = emulator.label_names
+        emu_here = emulator
     else:
         emu_d = dask.delayed(_load_emulator_on_worker, pure=True)(str(emulator), expected_hash=emulator_hash)
-        names = load_emulator(emulator, expected_hash=emulator_hash).label_names
+        emu_here = load_emulator(emulator, expected_hash=emulator_hash)
+        names = emu_here.label_names
+    if config.lsf == "forward":  # refused here, before any task runs
+        if emu_here.lsf_sigma_ref is None:
+            raise ValueError(_no_sigma_ref_message(emu_here))
+        if "disp" not in cube:
+            raise ValueError("[fit] lsf = 'forward' needs the cube's per-visit LSF (the 'disp' variable); "
+                             "this cube has none")
     nf = cube["norm_flux"].data
     ni = cube["norm_ivar"].data
     L = len(names)
@@ -722,9 +1034,18 @@ def fit_cube(cube, emulator: Any, *, config: FitConfig = FitConfig(),  # noqa: A
     cols = result_columns(names)
     if parts_dir is not None:
         Path(parts_dir).mkdir(parents=True, exist_ok=True)
-    out = da.map_blocks(_fit_block, nf, ni, st, emu_d, config, None if parts_dir is None else str(parts_dir),
-                        dtype=np.float64, chunks=(nf.chunks[0], (len(cols),)), name="fit-spectra",
-                        meta=np.empty((0, len(cols)), np.float64))  # no trial call on empty arrays
+    pdir = None if parts_dir is None else str(parts_dir)
+    if config.lsf == "forward":
+        dp = cube["disp"].data
+        dp = dp.rechunk((nf.chunks[0], dp.shape[1])) if isinstance(dp, da.Array) else \
+            da.from_array(np.asarray(dp), chunks=(nf.chunks[0], dp.shape[1]))
+        out = da.map_blocks(_fit_block_lsf, nf, ni, st, dp, emu_d, config, pdir,
+                            dtype=np.float64, chunks=(nf.chunks[0], (len(cols),)), name="fit-spectra-lsf",
+                            meta=np.empty((0, len(cols)), np.float64))
+    else:
+        out = da.map_blocks(_fit_block, nf, ni, st, emu_d, config, pdir,
+                            dtype=np.float64, chunks=(nf.chunks[0], (len(cols),)), name="fit-spectra",
+                            meta=np.empty((0, len(cols)), np.float64))  # no trial call on empty arrays
     ddf = dd.from_dask_array(out, columns=cols)
     keys = {"MANGAID": cube["mangaid"].data, "PLATE": cube["plate"].data, "IFUDESIGN": cube["ifudesign"].data,
             "MJD": cube["mjd"].data}

@@ -4,9 +4,16 @@ MaStar's resolution is only 0.2–0.5 MILES pixels coarser than MILES in the blu
 Gaussian *sampled* at such a small width does not broaden at all (its taps beyond the
 centre are ~0), so the kernel width here is solved so that the kernel's *discrete*
 variance Σ w_k k² equals the requested σ² exactly, at every pixel.
+
+The per-visit forward model of the fit (issue 14) uses the same kernels: the emulator
+predicts the spectrum at a reference LSF σ_ref(λ), and each visit's model is that
+spectrum broadened by the visit's *differential* kernel, σ_k² = σ_visit² − σ_ref²
+(:func:`differential_kernel`), applied in gather form (:func:`apply_band`).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -17,6 +24,14 @@ __all__ = [
     "discrete_gaussian_weights",
     "broaden",
     "rebin",
+    "sigma_to_pixels",
+    "reference_sigma",
+    "differential_sigma",
+    "DifferentialKernel",
+    "differential_kernel",
+    "band_halfwidth",
+    "restrict_band",
+    "apply_band",
 ]
 
 FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
@@ -39,20 +54,34 @@ def sigma_from_resolution(wave: ArrayLike, resolution: ArrayLike) -> NDArray[np.
     return np.asarray(wave, np.float64) / np.asarray(resolution, np.float64) * FWHM_TO_SIGMA
 
 
-def discrete_gaussian_weights(sigma_pix: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
+def discrete_gaussian_weights(sigma_pix: ArrayLike, kmax: int | None = None
+                              ) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
     """Per-pixel kernels whose discrete variance equals ``sigma_pix**2`` exactly.
 
     Returns ``(weights, offsets)`` with weights of shape (n, 2K+1), each row summing to
-    one, for offsets −K … K. σ = 0 gives the identity kernel.
+    one, for offsets −K … K. σ = 0 gives the identity kernel. K is 5σ (+1) of the widest
+    kernel, or ``kmax``: then the sampled Gaussian is truncated at ±kmax and its width
+    solved for that support, so the variance stays exact (a σ beyond what the support
+    can hold is refused).
     """
     sigma = np.atleast_1d(np.asarray(sigma_pix, np.float64))
     if np.any(~np.isfinite(sigma)) or np.any(sigma < 0):
         raise ValueError("sigma_pix must be finite and >= 0")
     if sigma.max() > 50:
         raise ValueError(f"sigma_pix up to {sigma.max():.1f} pixels: too wide for this kernel")
-    kmax = int(np.ceil(5.0 * max(sigma.max(), 0.2))) + 1
+    if kmax is None:
+        kmax = int(np.ceil(5.0 * max(sigma.max(), 0.2))) + 1
+        v_table = _V_TABLE
+    else:
+        # the variance of the truncated kernel, as a function of s (monotonic up to the
+        # flat kernel's K(K+1)/3); only the part that rises is usable
+        v_table = _discrete_variance(_S_TABLE, kmax)
+        top = int(np.argmax(v_table)) + 1
+        if sigma.max() ** 2 > 0.999 * v_table[top - 1]:
+            raise ValueError(f"sigma_pix up to {sigma.max():.2f} pixels does not fit a kernel of half-width {kmax}")
+        v_table = v_table[:top]
     # width s of the sampled Gaussian whose discrete variance is sigma^2 (monotonic in s)
-    s = np.interp(sigma**2, _V_TABLE, _S_TABLE)
+    s = np.interp(sigma**2, v_table, _S_TABLE[:len(v_table)])
     k = np.arange(-kmax, kmax + 1)
     with np.errstate(divide="ignore", over="ignore", under="ignore"):
         w = np.exp(-0.5 * (k[None, :] / np.maximum(s, 1e-6)[:, None]) ** 2)
@@ -110,3 +139,140 @@ def rebin(wave_in: ArrayLike, flux_in: ArrayLike, wave_out: ArrayLike) -> NDArra
     ce = cum[..., j] + 0.5 * (f[..., j] + fe) * (e - x[j])  # integral up to each edge
     out = np.diff(ce, axis=-1) / np.diff(eo)
     return np.where(inside, out, np.nan)
+
+
+# ---------------------------------------------------------------------------
+# the per-visit differential kernel (the fit's LSF forward model)
+# ---------------------------------------------------------------------------
+
+def sigma_to_pixels(sigma_aa: ArrayLike, wave: ArrayLike) -> NDArray[np.float64]:
+    """LSF σ in Å (as MaStar's DISP) → σ in pixels of the grid ``wave`` (last axis).
+
+    The local pixel width is λ·d(ln λ)/d(pixel), the derivative taken as the centred
+    difference of ln λ: on MaStar's log grid that is exactly λ·ln10·10⁻⁴, ends included."""
+    w = np.asarray(wave, np.float64)
+    return np.asarray(sigma_aa, np.float64) / (w * np.gradient(np.log(w)))
+
+
+def reference_sigma(sigma_visits: ArrayLike, percentile: float = 1.0) -> NDArray[np.float64]:
+    """A reference LSF σ_ref(λ) (P,) no broader than nearly every visit: the per-pixel
+    ``percentile`` of the visits' σ (n, P), NaN ignored.
+
+    A low percentile because a visit sharper than σ_ref cannot be modelled (the model is
+    never sharpened, :func:`differential_kernel`): at the 1st percentile only 1% of the
+    visits' pixels are; a lower σ_ref costs nothing in the fit but asks the emulator to
+    resolve finer lines."""
+    s = np.asarray(sigma_visits, np.float64)
+    return np.nanpercentile(np.where(np.isfinite(s) & (s > 0), s, np.nan), percentile, axis=0)
+
+
+def differential_sigma(sigma_visit: ArrayLike, sigma_ref: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
+    """σ_k = √max(σ_visit² − σ_ref², 0) and where the visit is sharper than σ_ref.
+
+    Where σ_visit < σ_ref the differential kernel is the identity: a Gaussian cannot be
+    deconvolved out of the model (the inverse operator amplifies noise without bound and
+    is not a positive kernel), so the model stays at σ_ref there — slightly broader than
+    the visit. That is why σ_ref is chosen low (:func:`reference_sigma`), and why the
+    pixels where it happens are counted (the second return value)."""
+    sv = np.asarray(sigma_visit, np.float64)
+    sr = np.broadcast_to(np.asarray(sigma_ref, np.float64), sv.shape)
+    d2 = sv * sv - sr * sr
+    return np.sqrt(np.maximum(d2, 0.0)), d2 < 0
+
+
+class DifferentialKernel(NamedTuple):
+    """Banded per-pixel kernels: ``weights`` (..., P, 2K+1) for ``offsets`` −K … K, and
+    per spectrum the number of pixels where the visit was sharper than σ_ref."""
+
+    weights: NDArray[np.float64]
+    offsets: NDArray[np.int64]
+    n_sharper: NDArray[np.int64]
+
+
+def band_halfwidth(sigma_max: float, tol: float) -> int:
+    """The half-width K beyond which every tap of a kernel of σ ≤ ``sigma_max`` weighs
+    less than ``tol`` (the outer taps of the widest kernel are the largest ones)."""
+    if sigma_max <= 0:
+        return 0
+    w, k = discrete_gaussian_weights(np.array([sigma_max]))
+    need = np.abs(k[w[0] >= tol])
+    return int(need.max()) if need.size else 0
+
+
+def differential_kernel(sigma_visit: ArrayLike, sigma_ref: ArrayLike, *, kmax: int | None = None,
+                        tol: float = 0.0) -> DifferentialKernel:
+    """The visit's differential kernel on the fit's grid (both σ in pixels there).
+
+    σ_k² = max(σ_visit² − σ_ref², 0), with exact discrete variance
+    (:func:`discrete_gaussian_weights`); where the visit is sharper than σ_ref the kernel
+    is the identity (see :func:`differential_sigma`). ``sigma_visit`` is (P,) or (n, P);
+    the weights are (…, P, 2K+1), every row summing to one. All spectra share one K:
+    ``kmax`` when given, else the smallest K that keeps every tap of weight ≥ ``tol``
+    (``tol = 0``: the full 5σ support of :func:`discrete_gaussian_weights`). With a
+    shorter support the Gaussian's width is solved for it, so the discrete variance
+    stays exactly σ_k² (:func:`discrete_gaussian_weights` with ``kmax``); the shape
+    differs from the untruncated kernel by about the dropped tap weights.
+    """
+    sv = np.asarray(sigma_visit, np.float64)
+    if np.any(~np.isfinite(sv)) or np.any(sv < 0):
+        raise ValueError("sigma_visit must be finite and >= 0 (fill or mask missing DISP first)")
+    sk, sharper = differential_sigma(sv, sigma_ref)
+    if np.any(~np.isfinite(sk)):
+        raise ValueError("sigma_ref must be finite")
+    smax = float(sk.max()) if sk.size else 0.0
+    if kmax is None:
+        kmax = band_halfwidth(smax, tol) if tol > 0 else (int(np.ceil(5.0 * max(smax, 0.2))) + 1 if smax > 0 else 0)
+    w, _ = discrete_gaussian_weights(sk.reshape(-1), kmax=kmax)
+    offsets = np.arange(-kmax, kmax + 1, dtype=np.int64)
+    n_sharper = sharper.sum(axis=-1).astype(np.int64)
+    return DifferentialKernel(w.reshape(sk.shape + (2 * kmax + 1,)), offsets, n_sharper)
+
+
+def restrict_band(weights: ArrayLike, offsets: ArrayLike, valid: ArrayLike | None = None) -> NDArray[np.float64]:
+    """The kernels renormalized over the pixels that exist: taps that land beyond the
+    ends of the grid, or on a pixel where ``valid`` (P,) is False, get weight 0 and each
+    row is rescaled to sum to one — as :func:`broaden` does at the ends, so the level of
+    a flat spectrum is kept. A row with no valid tap is left at zero."""
+    w = np.array(weights, np.float64)
+    off = np.asarray(offsets, np.int64)
+    P = w.shape[-2]
+    ok = np.ones(P, bool) if valid is None else np.asarray(valid, bool)
+    src = np.arange(P)[:, None] + off[None, :]
+    inside = (src >= 0) & (src < P)
+    tap_ok = inside & ok[np.clip(src, 0, P - 1)]
+    w *= tap_ok
+    norm = w.sum(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(norm > 0, w / np.where(norm > 0, norm, 1.0), 0.0)
+
+
+def apply_band(flux: ArrayLike, weights: ArrayLike, offsets: ArrayLike) -> NDArray[np.float64]:
+    """Gather form out[…, i] = Σ_k w[…, i, k]·flux[…, i + offsets[k]], with taps beyond
+    the ends reading zero: pass the weights through :func:`restrict_band` first (then
+    the result equals :func:`broaden` for the same σ). ``weights`` (P, T) or (n, P, T)."""
+    f = np.asarray(flux, np.float64)
+    w = np.asarray(weights, np.float64)
+    off = np.asarray(offsets, np.int64)
+    P = f.shape[-1]
+    out = np.zeros(np.broadcast_shapes(f.shape, w.shape[:-1]))
+    for j, k in enumerate(off):
+        if k >= 0:
+            out[..., :P - k] += w[..., :P - k, j] * f[..., k:]
+        else:
+            out[..., -k:] += w[..., -k:, j] * f[..., :P + k]
+    return out
+
+
+def fill_sigma(sigma: ArrayLike, fallback: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
+    """Per-visit LSF σ (n, P) with its unusable pixels (non-finite or ≤ 0: a missing or
+    damaged DISP) filled by linear interpolation in pixel index over the visit's usable
+    pixels; a visit with none gets ``fallback`` (P,) throughout. Returns the filled σ and,
+    per visit, how many pixels were filled."""
+    s = np.array(np.atleast_2d(sigma), np.float64)
+    fb = np.broadcast_to(np.asarray(fallback, np.float64), s.shape[-1:])
+    bad = ~(np.isfinite(s) & (s > 0))
+    idx = np.arange(s.shape[-1])
+    for i in np.flatnonzero(bad.any(axis=1)):
+        good = ~bad[i]
+        s[i] = np.interp(idx, idx[good], s[i, good]) if good.any() else fb
+    return s, bad.sum(axis=1).astype(np.int64)

@@ -330,6 +330,14 @@ class _Cards:
         return [k for k, _ in self._cards]
 
 
+def _lsf_mode(provenance: Mapping[str, Any]) -> str:
+    """The run's ``[fit] lsf`` from its configuration; "ignore" (the paper's choice and
+    the default) when the configuration does not say."""
+    config = next((provenance[k] for k in provenance if k.lower() in _CONFIG_KEYS), None)
+    fit = _config_value(config).get("fit") if isinstance(_config_value(config), dict) else None
+    return str(fit.get("lsf", "ignore")) if isinstance(fit, dict) else "ignore"
+
+
 def _provenance_cards(provenance: Mapping[str, Any], stems: Sequence[str], bits: Sequence[FlagBit],
                       *, full: bool) -> _Cards:
     """Header cards for the provenance; ``full`` adds CONFIG/PROVJSON/INPUTn (primary HDU)."""
@@ -342,6 +350,7 @@ def _provenance_cards(provenance: Mapping[str, Any], stems: Sequence[str], bits:
         cards.add("DATE", str(provenance.get("date", _utc_now())), "file written (UTC)")
     cards.add("FITLABEL", ",".join(stems), "fitted labels (VAC column stems)")
     cards.add("NFITLAB", len(stems), "number of fitted labels")
+    cards.add("LSFMODE", _lsf_mode(provenance), "[fit] lsf: visit LSF forward-modelled or ignored")
     if "emulator_hash" in provenance:
         cards.add("EMUHASH", str(provenance["emulator_hash"]), "hash of the emulator artefact")
     for bit, name, description in bits:
