@@ -15,6 +15,10 @@ spectra are fitted at once as tensors:
   pushed outward is frozen for that step (a plain clamp lets fits creep along a bound);
 - several starts per spectrum (photometric start and the best emulator spectra on the
   training labels), the lowest χ² wins;
+- with ``[fit] lsf = "forward"`` each visit's model is the emulator's spectrum (at the
+  emulator's reference LSF σ_ref) broadened by the visit's differential kernel
+  σ_k² = σ_visit² − σ_ref², one banded operator per spectrum applied in torch to the
+  model-and-Jacobian block, so the derivatives stay exact (:class:`_Band`);
 - per spectrum: labels, formal covariance and errors, χ², reduced χ², iterations and a
   status code; spectra that cannot be fit get NaN labels and a status, never an
   exception that takes their block down.
@@ -622,8 +626,8 @@ def _fit_batch(net: _TorchNet, emu: Emulator, flux: NDArray, w: NDArray, S: NDAr
 # variance stays exactly σ_k² and its shape changes by ~1e-5 of the flux — far below
 # the emulator's own error (~1e-2).
 _LSF_TAP_TOL = 1e-5
-# spectra per chunk when the kernels are built (bounds the float64 temporaries)
-_LSF_BUILD_ROWS = 64
+# spectra per chunk when the kernels are built (bounds the temporaries)
+_LSF_BUILD_ROWS = 256
 
 
 @dataclass
@@ -641,7 +645,13 @@ class _LsfKernels:
     n_sharper: NDArray[np.int64]  # per spectrum: pixels where the visit is sharper than σ_ref
 
     def rows(self, idx: NDArray[np.int64]) -> _LsfKernels:
-        return _LsfKernels(self.weights[idx], self.offsets, self.start, self.rel, self.n_sharper[idx])
+        idx = np.asarray(idx, np.int64)
+        # a batch is usually a run of consecutive spectra: a view, not a copy of its kernels
+        if idx.size and idx[-1] - idx[0] == idx.size - 1 and np.all(np.diff(idx) == 1):
+            sel: Any = slice(int(idx[0]), int(idx[-1]) + 1)
+        else:
+            sel = idx
+        return _LsfKernels(self.weights[sel], self.offsets, self.start, self.rel, self.n_sharper[sel])
 
     def apply(self, model: NDArray) -> NDArray[np.float64]:
         """The operator on full-grid spectra (n, P) in numpy (the modelled pixels are
@@ -691,8 +701,9 @@ def lsf_kernels(emu: Emulator, lsf_sigma: NDArray, *, tol: float = _LSF_TAP_TOL)
     n_sharper = np.zeros(n, np.int64)
     valid = emu.pixel_mask[p0:p1]
     for a in range(0, n, _LSF_BUILD_ROWS):
-        k = lsf.differential_kernel(sig[a:a + _LSF_BUILD_ROWS, p0:p1], ref[p0:p1], kmax=kmax)
-        weights[a:a + _LSF_BUILD_ROWS] = np.swapaxes(lsf.restrict_band(k.weights, k.offsets, valid), 1, 2)
+        k = lsf.differential_kernel(sig[a:a + _LSF_BUILD_ROWS, p0:p1], ref[p0:p1], kmax=kmax, taps_first=True,
+                                    dtype=np.float32)
+        weights[a:a + _LSF_BUILD_ROWS] = lsf.restrict_band(k.weights, k.offsets, valid, taps_first=True, copy=False)
         n_sharper[a:a + _LSF_BUILD_ROWS] = (k.n_sharper if rel is None else
                                             (sig[a:a + _LSF_BUILD_ROWS, pix] < ref[pix]).sum(1))
     if n_sharper.any():
@@ -720,32 +731,39 @@ class _Band:
     JᵀWJ before the next chunk (:func:`_normal_equations_lsf`); on a GPU in one go.
     """
 
-    def __init__(self, weights: Any, offsets: Sequence[int], rel: Any | None) -> None:
-        self.weights = weights  # (B, T, S)
+    def __init__(self, weights: Any, offsets: Sequence[int], rel: Any | None, repeat: int = 1) -> None:
+        self.weights = weights  # (B, T, S); with repeat > 1, one per group of ``repeat`` rows
         self.offsets = [int(k) for k in offsets]
         self.centre = self.offsets.index(0)  # offsets are −K … K: the centre tap writes, the others add
         self.rel = rel  # (P,) long tensor, or None where the modelled pixels are the span
+        self.repeat = repeat
 
     @classmethod
     def from_kernels(cls, kern: _LsfKernels, repeat: int, device: str, dtype: Any) -> _Band:
+        """The operator of ``kern``'s spectra, each for ``repeat`` consecutive rows (its
+        starts); the rows are expanded by :meth:`scaled`, in the same pass."""
         import torch
 
         w = torch.as_tensor(kern.weights, dtype=dtype, device=device)
-        if repeat > 1:  # one row per start, all with the spectrum's kernel
-            w = w.repeat_interleave(repeat, dim=0)
         rel = None if kern.rel is None else torch.as_tensor(kern.rel, dtype=torch.long, device=device)
-        return cls(w, kern.offsets, rel)
+        return cls(w, kern.offsets, rel, repeat)
 
     def __getitem__(self, rows: Any) -> _Band:
+        assert self.repeat == 1
         return _Band(self.weights[rows], self.offsets, self.rel)
 
     def scaled(self, s: Any) -> _Band:
-        """diag(s)·C, ``s`` (B, P) on the modelled pixels."""
+        """diag(s)·C, ``s`` (B, P) on the modelled pixels, one row per row of ``s``."""
         if self.rel is not None:
             full = s.new_zeros(s.shape[0], self.weights.shape[2])
             full[:, self.rel] = s
             s = full
-        return _Band(self.weights * s[:, None, :], self.offsets, self.rel)
+        n, T, S = self.weights.shape
+        if self.repeat > 1:
+            w = (self.weights[:, None] * s.view(n, self.repeat, 1, S)).view(n * self.repeat, T, S)
+        else:
+            w = self.weights * s[:, None, :]
+        return _Band(w, self.offsets, self.rel)
 
     def chunk_rows(self, C: int, device: Any) -> int:
         """Rows per chunk: the whole batch on a GPU, ~0.5 MB of block on the CPU."""
@@ -777,6 +795,7 @@ class _Band:
 
     def apply(self, x: Any) -> Any:
         """C·x for x (B, P) or (B, C, P) on the modelled pixels; returns the same shape."""
+        assert self.repeat == 1
         squeeze = x.ndim == 2
         xc = self.to_span((x[:, None, :] if squeeze else x).transpose(0, 1))
         C, B = xc.shape[:2]

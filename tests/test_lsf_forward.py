@@ -55,11 +55,18 @@ def test_differential_kernel_has_exact_variance_and_is_the_identity_where_the_vi
     kt = lsf.differential_kernel(visit, ref, kmax=lsf.band_halfwidth(float(np.sqrt(want.max())), 1e-5))
     assert len(kt.offsets) < len(k.offsets)
     np.testing.assert_allclose((kt.weights * kt.offsets**2).sum(-1), want, atol=2e-6)
+    # the kernels are interpolated in σ_k² from discrete_gaussian_weights: the same to ~1e-6
+    sk = np.sqrt(want)
+    direct, off = lsf.discrete_gaussian_weights(sk.reshape(-1), kmax=int(k.offsets[-1]))
+    assert np.abs(k.weights.reshape(direct.shape) - direct).max() < 3e-6
     # without truncation the kernel is broaden's, applied in gather form
     f = rng.normal(1, 0.1, (2, 300))
     got = lsf.apply_band(f, lsf.restrict_band(k.weights, k.offsets), k.offsets)
     for i in range(2):
-        np.testing.assert_allclose(got[i], lsf.broaden(f[i], np.sqrt(want[i])), atol=1e-12)
+        np.testing.assert_allclose(got[i], lsf.broaden(f[i], sk[i]), atol=3e-6)
+    # the layout a batched operator reads: taps first, float32
+    kf = lsf.differential_kernel(visit, ref, taps_first=True, dtype=np.float32)
+    np.testing.assert_allclose(np.swapaxes(kf.weights, 1, 2), k.weights, atol=1e-7)
 
 
 def test_reference_sigma_fill_and_units():
@@ -90,17 +97,22 @@ def test_torch_band_equals_broaden(holes):
     emu = _random_emulator(mask)
     rng = np.random.default_rng(3)
     sig = emu.lsf_sigma_ref * rng.uniform(0.95, 1.6, (5, P))
-    kern = lsf_kernels(emu, sig, tol=0.0)  # the full 5σ support: broaden's kernel exactly
+    kern = lsf_kernels(emu, sig, tol=0.0)  # the full 5σ support: broaden's kernel
     x = rng.normal(1, 0.1, (5, P))
     got = _Band.from_kernels(kern, 1, "cpu", torch.float64).apply(torch.as_tensor(x[:, mask])).numpy()
+    # exactly the gather form with the same (float32) weights
+    span = np.where(mask, x, 0.0)[:, 200:4300]
+    exact = lsf.apply_band(span, np.swapaxes(kern.weights, 1, 2), kern.offsets)[:, mask[200:4300]]
+    np.testing.assert_allclose(got, exact, atol=1e-12)
     sk, _ = lsf.differential_sigma(sig, emu.lsf_sigma_ref)
     if not holes:  # the span of the modelled pixels, renormalized at its ends
         want = np.stack([lsf.broaden(x[i, mask], sk[i, mask]) for i in range(5)])
     else:  # renormalized over the modelled pixels: the hole reads nothing
         w, k = lsf.discrete_gaussian_weights(sk[:, 200:4300].reshape(-1))
         w = lsf.restrict_band(w.reshape(5, 4100, -1), k, mask[200:4300])
-        want = lsf.apply_band(np.where(mask, x, 0.0)[:, 200:4300], w, k)[:, mask[200:4300]]
-    np.testing.assert_allclose(got, want, atol=1e-12)
+        want = lsf.apply_band(span, w, k)[:, mask[200:4300]]
+    # float32 weights interpolated in σ_k²: broaden to ~1e-6
+    np.testing.assert_allclose(got, want, atol=5e-6)
     # the numpy operator of the same kernels (curve_fit, return_model) agrees
     np.testing.assert_allclose(kern.apply(x)[:, mask], got, atol=1e-6)
     # the default support (taps ≥ 1e-5) changes the result by ~1e-5 of the flux only
