@@ -626,6 +626,12 @@ def _fit_batch(net: _TorchNet, emu: Emulator, flux: NDArray, w: NDArray, S: NDAr
 # variance stays exactly σ_k² and its shape changes by ~1e-5 of the flux — far below
 # the emulator's own error (~1e-2).
 _LSF_TAP_TOL = 1e-5
+# Within that support, taps lighter than this are set to 0 (each kernel renormalized):
+# the narrower kernels' outer taps and the far wings, below 1e-6 of the flux. The
+# operator then skips, per chunk of rows and per tap, the pixels where every weight is 0
+# (a visit's σ_k varies along λ and from visit to visit, the common support is the
+# widest one's). The variance moves by < 2·1e-7·K² ≈ 1e-5 px².
+_LSF_ZERO_TOL = 1e-7
 # spectra per chunk when the kernels are built (bounds the temporaries)
 _LSF_BUILD_ROWS = 256
 
@@ -636,13 +642,16 @@ class _LsfKernels:
     torch operator reads: ``weights`` (n, T, S) float32 over the span S of the modelled
     pixels (from ``start``), for ``offsets`` (T,), renormalized over the modelled
     pixels (taps onto pixels the emulator does not model weigh 0); ``rel`` the modelled
-    pixels' positions in the span, None where they are the whole span."""
+    pixels' positions in the span, None where they are the whole span; ``reach``
+    (n, T, 2) per spectrum and tap the pixel range [lo, hi) outside which its weights
+    are 0."""
 
     weights: NDArray[np.float32]
     offsets: NDArray[np.int64]
     start: int
     rel: NDArray[np.int64] | None
     n_sharper: NDArray[np.int64]  # per spectrum: pixels where the visit is sharper than σ_ref
+    reach: NDArray[np.int64]
 
     def rows(self, idx: NDArray[np.int64]) -> _LsfKernels:
         idx = np.asarray(idx, np.int64)
@@ -651,7 +660,8 @@ class _LsfKernels:
             sel: Any = slice(int(idx[0]), int(idx[-1]) + 1)
         else:
             sel = idx
-        return _LsfKernels(self.weights[sel], self.offsets, self.start, self.rel, self.n_sharper[sel])
+        return _LsfKernels(self.weights[sel], self.offsets, self.start, self.rel, self.n_sharper[sel],
+                           self.reach[sel])
 
     def apply(self, model: NDArray) -> NDArray[np.float64]:
         """The operator on full-grid spectra (n, P) in numpy (the modelled pixels are
@@ -699,18 +709,24 @@ def lsf_kernels(emu: Emulator, lsf_sigma: NDArray, *, tol: float = _LSF_TAP_TOL)
     n, S, T = len(sig), p1 - p0, 2 * kmax + 1
     weights = np.empty((n, T, S), np.float32)
     n_sharper = np.zeros(n, np.int64)
+    reach = np.zeros((n, T, 2), np.int64)
     valid = emu.pixel_mask[p0:p1]
     for a in range(0, n, _LSF_BUILD_ROWS):
         k = lsf.differential_kernel(sig[a:a + _LSF_BUILD_ROWS, p0:p1], ref[p0:p1], kmax=kmax, taps_first=True,
-                                    dtype=np.float32)
-        weights[a:a + _LSF_BUILD_ROWS] = lsf.restrict_band(k.weights, k.offsets, valid, taps_first=True, copy=False)
+                                    zero_below=_LSF_ZERO_TOL if tol > 0 else 0.0, dtype=np.float32)
+        w = lsf.restrict_band(k.weights, k.offsets, valid, taps_first=True, copy=False)
+        weights[a:a + _LSF_BUILD_ROWS] = w
+        nz = w != 0  # (rows, T, S)
+        has = nz.any(axis=2)
+        reach[a:a + _LSF_BUILD_ROWS, :, 0] = np.where(has, nz.argmax(axis=2), S)  # empty: [S, 0)
+        reach[a:a + _LSF_BUILD_ROWS, :, 1] = np.where(has, S - nz[:, :, ::-1].argmax(axis=2), 0)
         n_sharper[a:a + _LSF_BUILD_ROWS] = (k.n_sharper if rel is None else
                                             (sig[a:a + _LSF_BUILD_ROWS, pix] < ref[pix]).sum(1))
     if n_sharper.any():
         log.info("LSF forward model: %d of %d spectra are sharper than σ_ref somewhere (%.2f%% of their modelled "
                  "pixels); the model is left at σ_ref there", int((n_sharper > 0).sum()), n,
                  100 * n_sharper.sum() / max(n * len(pix), 1))
-    return _LsfKernels(weights, np.arange(-kmax, kmax + 1, dtype=np.int64), p0, rel, n_sharper)
+    return _LsfKernels(weights, np.arange(-kmax, kmax + 1, dtype=np.int64), p0, rel, n_sharper, reach)
 
 
 def _no_sigma_ref_message(emu: Emulator) -> str:
@@ -731,12 +747,15 @@ class _Band:
     JᵀWJ before the next chunk (:func:`_normal_equations_lsf`); on a GPU in one go.
     """
 
-    def __init__(self, weights: Any, offsets: Sequence[int], rel: Any | None, repeat: int = 1) -> None:
+    def __init__(self, weights: Any, offsets: Sequence[int], rel: Any | None, reach: NDArray[np.int64],
+                 repeat: int = 1) -> None:
         self.weights = weights  # (B, T, S); with repeat > 1, one per group of ``repeat`` rows
         self.offsets = [int(k) for k in offsets]
         self.centre = self.offsets.index(0)  # offsets are −K … K: the centre tap writes, the others add
         self.rel = rel  # (P,) long tensor, or None where the modelled pixels are the span
+        self.reach = reach  # (B, T, 2) numpy: per row and tap, the pixels [lo, hi) with weight ≠ 0
         self.repeat = repeat
+        self._ranges: dict[int, tuple[list[list[int]], list[list[int]]]] = {}
 
     @classmethod
     def from_kernels(cls, kern: _LsfKernels, repeat: int, device: str, dtype: Any) -> _Band:
@@ -746,11 +765,12 @@ class _Band:
 
         w = torch.as_tensor(kern.weights, dtype=dtype, device=device)
         rel = None if kern.rel is None else torch.as_tensor(kern.rel, dtype=torch.long, device=device)
-        return cls(w, kern.offsets, rel, repeat)
+        return cls(w, kern.offsets, rel, kern.reach, repeat)
 
     def __getitem__(self, rows: Any) -> _Band:
         assert self.repeat == 1
-        return _Band(self.weights[rows], self.offsets, self.rel)
+        sel = rows.cpu().numpy() if hasattr(rows, "cpu") else rows
+        return _Band(self.weights[rows], self.offsets, self.rel, self.reach[sel])
 
     def scaled(self, s: Any) -> _Band:
         """diag(s)·C, ``s`` (B, P) on the modelled pixels, one row per row of ``s``."""
@@ -761,9 +781,8 @@ class _Band:
         n, T, S = self.weights.shape
         if self.repeat > 1:
             w = (self.weights[:, None] * s.view(n, self.repeat, 1, S)).view(n * self.repeat, T, S)
-        else:
-            w = self.weights * s[:, None, :]
-        return _Band(w, self.offsets, self.rel)
+            return _Band(w, self.offsets, self.rel, np.repeat(self.reach, self.repeat, axis=0))
+        return _Band(self.weights * s[:, None, :], self.offsets, self.rel, self.reach)
 
     def chunk_rows(self, C: int, device: Any) -> int:
         """Rows per chunk: the whole batch on a GPU, ~0.5 MB of block on the CPU."""
@@ -778,19 +797,35 @@ class _Band:
         out[..., self.rel] = xc
         return out
 
-    def apply_rows(self, xc: Any, a: int, b: int) -> Any:
-        """C·x for rows a…b of a channels-first block ``xc`` (C, b − a, S) on the span;
-        returns a new (C, b − a, P) tensor on the modelled pixels."""
+    def _chunk_ranges(self, step: int) -> tuple[list[list[int]], list[list[int]]]:
+        """Per chunk of ``step`` rows and per tap, the union of the rows' [lo, hi)."""
+        if step not in self._ranges:
+            B, T, _ = self.reach.shape
+            nc = -(-B // step)
+            r = np.empty((nc * step, T, 2), np.int64)
+            r[:B] = self.reach
+            r[B:, :, 0], r[B:, :, 1] = np.iinfo(np.int64).max, 0  # padding rows reach nothing
+            r = r.reshape(nc, step, T, 2)
+            self._ranges[step] = (r[..., 0].min(axis=1).tolist(), r[..., 1].max(axis=1).tolist())
+        return self._ranges[step]
+
+    def apply_rows(self, xc: Any, a: int, step: int) -> Any:
+        """C·x for the chunk of rows a … a + step (the ``a // step``-th) of a
+        channels-first block, ``xc`` (C, rows, S) on the span; returns a new
+        (C, rows, P) tensor on the modelled pixels."""
         import torch
 
         S = xc.shape[-1]
-        w = self.weights[a:b]
+        w = self.weights[a:a + step]
         out = torch.mul(xc, w[None, :, self.centre, :])
+        lo, hi = self._chunk_ranges(step)
+        lo, hi = lo[a // step], hi[a // step]
         for t, k in enumerate(self.offsets):
-            if k > 0:
-                out[..., :S - k].addcmul_(xc[..., k:], w[None, :, t, :S - k])
-            elif k < 0:
-                out[..., -k:].addcmul_(xc[..., :S + k], w[None, :, t, -k:])
+            # only the pixels where some row's weight is not 0, and whose neighbour exists
+            i0, i1 = max(lo[t], -k, 0), min(hi[t], S - k, S)
+            if k == 0 or i1 <= i0:
+                continue
+            out[..., i0:i1].addcmul_(xc[..., i0 + k:i1 + k], w[None, :, t, i0:i1])
         return out if self.rel is None else out[..., self.rel]
 
     def apply(self, x: Any) -> Any:
@@ -800,7 +835,7 @@ class _Band:
         xc = self.to_span((x[:, None, :] if squeeze else x).transpose(0, 1))
         C, B = xc.shape[:2]
         step = self.chunk_rows(C, x.device)
-        out = torch_cat_rows([self.apply_rows(xc[:, a:a + step], a, a + step) for a in range(0, B, step)])
+        out = torch_cat_rows([self.apply_rows(xc[:, a:a + step], a, step) for a in range(0, B, step)])
         out = out.transpose(0, 1)  # (B, C, P)
         return out[:, 0, :].contiguous() if squeeze else out.contiguous()
 
@@ -831,7 +866,7 @@ def _normal_equations_lsf(net: _TorchNet, x: Any, sf: Any, band_w: _Band) -> tup
     step = band_w.chunk_rows(C, x.device)
     for a in range(0, B, step):
         b = min(B, a + step)
-        R = band_w.apply_rows(blk[:, a:b], a, b)
+        R = band_w.apply_rows(blk[:, a:b], a, step)
         r = sf[a:b] - R[0]
         RJ = R[1:].transpose(0, 1)  # (rows, L, P), P innermost
         chi2[a:b] = (r * r).sum(1)

@@ -204,7 +204,7 @@ _N_VAR_NODES = 2048
 
 
 def differential_kernel(sigma_visit: ArrayLike, sigma_ref: ArrayLike, *, kmax: int | None = None,
-                        tol: float = 0.0, taps_first: bool = False,
+                        tol: float = 0.0, taps_first: bool = False, zero_below: float = 0.0,
                         dtype: type | np.dtype = np.float64) -> DifferentialKernel:
     """The visit's differential kernel on the fit's grid (both σ in pixels there).
 
@@ -215,7 +215,9 @@ def differential_kernel(sigma_visit: ArrayLike, sigma_ref: ArrayLike, *, kmax: i
     All spectra share one K: ``kmax`` when given, else the smallest K that keeps every
     tap of weight ≥ ``tol`` (``tol = 0``: the 5σ support of
     :func:`discrete_gaussian_weights`). With a shorter support the Gaussian's width is
-    solved for it, so the variance stays exactly σ_k².
+    solved for it, so the variance stays exactly σ_k². ``zero_below``: taps lighter than
+    this are set to exactly 0 (each kernel renormalized), so that an operator can skip
+    them; the variance then moves by < 2·zero_below·K² px².
 
     The kernels come from :func:`discrete_gaussian_weights` at 2,048 values of σ_k²
     and are interpolated linearly in σ_k² between them: the variance is linear in the
@@ -240,6 +242,9 @@ def differential_kernel(sigma_visit: ArrayLike, sigma_ref: ArrayLike, *, kmax: i
     if vmax > 0:
         nodes = np.linspace(0.0, vmax, _N_VAR_NODES)
         table, _ = discrete_gaussian_weights(np.sqrt(nodes), kmax=kmax)  # (N, T)
+        if zero_below > 0:
+            table = np.where(table < zero_below, 0.0, table)
+            table /= table.sum(axis=1, keepdims=True)
         # per tap: w = table[j] + (table[j+1] − table[j])·t, from tables that stay in cache
         base = np.ascontiguousarray(table[:-1].T, dtype)
         step = np.ascontiguousarray(np.diff(table, axis=0).T, dtype)
