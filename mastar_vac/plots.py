@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 from numpy.typing import ArrayLike, NDArray  # noqa: E402
+from scipy.stats import median_abs_deviation  # noqa: E402
 
 from .io.atomic import atomic_path  # noqa: E402
 
@@ -417,7 +418,7 @@ def _robust_stats(d: NDArray[np.float64]) -> tuple[int, float, float, float]:
         return 0, float("nan"), float("nan"), float("nan")
     med = float(np.median(d))
     std = float(np.std(d, ddof=1)) if d.size > 1 else float("nan")
-    return int(d.size), med, std, float(1.4826 * np.median(np.abs(d - med)))
+    return int(d.size), med, std, float(1.4826 * median_abs_deviation(d))
 
 
 def plot_comparison(joined_df: pd.DataFrame, survey: str, path: str | os.PathLike[str],

@@ -191,7 +191,7 @@ def test_killed_build_resumes_to_the_same_catalogue(uninterrupted, stage, marker
 
 
 def test_full_disk_while_writing_the_vac_leaves_no_catalogue(tmp_path, monkeypatch):
-    from mastar_vac.io import fitstable
+    from mastar_vac.io import vac
     from mastar_vac.io.vac import write_vac_fits
 
     df = pd.DataFrame({"MANGAID": ["7-1", "7-2"], "PLATE": [1, 2], "IFUDESIGN": ["3701", "3702"], "MJD": [5, 6],
@@ -201,23 +201,41 @@ def test_full_disk_while_writing_the_vac_leaves_no_catalogue(tmp_path, monkeypat
     before = target.read_bytes()
 
     class FullDisk:
+        """The file the writer opens: the disk fills up after the primary header's first block."""
+
         def __init__(self, fh):
             self.fh = fh
+            self.room = 2880
 
         def write(self, b):
-            raise OSError(errno.ENOSPC, "No space left on device")
+            if len(b) > self.room:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.room -= len(b)
+            return self.fh.write(b)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
 
         def __getattr__(self, k):
             return getattr(self.fh, k)
 
-    real_init = fitstable._TableStream.__init__
+    opened = []
 
-    def init(self, fh, *a, **k):
-        real_init(self, FullDisk(fh), *a, **k)
+    def full_open(file, mode="r", *a, **k):
+        fh = open(file, mode, *a, **k)
+        if "w" in mode:
+            opened.append(file)
+            return FullDisk(fh)
+        return fh
 
-    monkeypatch.setattr(fitstable._TableStream, "__init__", init)
+    # the module-level name shadows the builtin inside vac only: the writer's own file fills up
+    monkeypatch.setattr(vac, "open", full_open, raising=False)
     with pytest.raises(OutputError, match="No space left on device"):
         write_vac_fits(target, df, provenance={}, flag_bits=[], fitted_labels=["TEFF"])
+    assert opened, "the writer must have opened its output through the full disk"
     assert target.read_bytes() == before  # the old catalogue is untouched
     assert [p.name for p in tmp_path.iterdir()] == ["vac.fits"]  # no partial file left
 

@@ -103,12 +103,35 @@ def test_rewrite_replaces(tmp_path):
     ("# H1", "<h1>H1</h1>"),
     ("a *b* c_d_e **f**", "<p>a <em>b</em> c_d_e <strong>f</strong></p>"),
     ("`<x> **y**`", "<p><code>&lt;x&gt; **y**</code></p>"),
-    ("```\n<raw>\n```", "<pre><code>&lt;raw&gt;</code></pre>"),
+    ("```\n<raw>\n```", "<pre><code>&lt;raw&gt;\n</code></pre>"),
     ("[a](http://x.org/?a=1&b=2)", '<p><a href="http://x.org/?a=1&amp;b=2">a</a></p>'),
-    ("[a](data:text/html,evil)", "<p>a</p>"),
-    ('![a"b](fig.png)', '<p><img src="fig.png" alt="a&quot;b"></p>'),
+    ("[a](data:text/html,evil)", "<p><span>a</span></p>"),
+    ("![x](javascript:alert(1))", "<p><span>x</span></p>"),
+    ('![a"b](fig.png)', '<p><img alt="a&quot;b" src="fig.png"></p>'),
     ("1. x\n2. y", "<ol>\n<li>x</li>\n<li>y</li>\n</ol>"),
     ("<img src=x onerror=alert(1)>", "<p>&lt;img src=x onerror=alert(1)&gt;</p>"),
+    ("<div>\n<script>alert(1)</script>\n</div>", "<p>&lt;div&gt;\n&lt;script&gt;alert(1)&lt;/script&gt;\n&lt;/div&gt;</p>"),
 ])
-def test_markdown_subset(src, expect):
+def test_markdown(src, expect):
     assert markdown_to_html(src) == expect
+
+
+def test_markdown_headings_are_demoted_under_the_section():
+    assert markdown_to_html("# a\n\n## b", heading_offset=2) == "<h3>a</h3>\n<h4>b</h4>"
+
+
+def test_pipe_tables_render_as_html_tables(tmp_path):
+    """A Markdown table in a section's text is a real <table> in the HTML (and stays a
+    readable pipe table in report.md); no Markdown markup is left over in the page."""
+    text = ("**3** flags set:\n\n| bit | name | visits |\n|---:|---|---:|\n| 0 | CHI2_HIGH | 12 |\n"
+            "| 2 | AT_BOUND <b> | 16 |")
+    md, page = write_report(tmp_path, title="t", sections=[Section("Summary", text)])
+    source = page.read_text()
+    doc = _parse(source)
+    tags = [t for t, _ in doc.tags]
+    assert tags.count("table") == 1 and tags.count("tr") == 3 and tags.count("th") == 3
+    cells = [d.strip() for d in doc.text if d.strip()]
+    assert "CHI2_HIGH" in cells and "AT_BOUND <b>" in cells  # escaped, shown as text
+    body = source[source.index("<body>"):]
+    assert "|---" not in body and "**" not in body and "---:" not in body
+    assert "| 0 | CHI2_HIGH | 12 |" in md.read_text()
