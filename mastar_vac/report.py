@@ -137,6 +137,12 @@ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width:
 h1 { border-bottom: 2px solid #ddd; padding-bottom: .3rem; }
 h2 { border-bottom: 1px solid #eee; padding-bottom: .2rem; margin-top: 2.5rem; }
 pre { background: #f6f8fa; padding: .8rem; overflow-x: auto; font-size: .85rem; line-height: 1.3; }
+/* a preformatted table's title lines (file paths, long notes) wrap instead of running off the page */
+pre.table { white-space: pre-wrap; overflow-wrap: anywhere; }
+table { border-collapse: collapse; margin: 1rem 0; font-size: .9rem; }
+th, td { border: 1px solid #ddd; padding: .2rem .6rem; }
+th { background: #f6f8fa; }
+tbody tr:nth-child(even) { background: #fbfbfb; }
 code { background: #f6f8fa; padding: 0 .2rem; }
 pre code { background: none; padding: 0; }
 figure { margin: 1rem 0; }
@@ -212,7 +218,7 @@ def write_report(directory: str | os.PathLike[str], *, title: str, sections: Seq
         for table in sec.tables:
             fence = _fence_for(table)
             md += [fence, table.rstrip("\n"), fence, ""]
-            body.append(f"<pre>{html.escape(table.rstrip())}</pre>")
+            body.append(f'<pre class="table">{html.escape(table.rstrip())}</pre>')
         for rel, caption in figs:
             md += [f"![{_md_escape_alt(caption)}](<{rel}>)", ""]
             body.append(f'<figure><img src="{html.escape(quote(rel), quote=True)}" '

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +22,7 @@ from .report import Section, write_report
 if TYPE_CHECKING:
     from .stages import StageContext
 
-__all__ = ["build_report", "example_fit_rows"]
+__all__ = ["build_report", "catalogue_text", "example_fit_rows", "flag_table"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,16 @@ def catalogue_text(alpha_fitted: bool) -> str:
         return f"Kiel diagram coloured by [Fe/H], [α/Fe]–[Fe/H] coloured by Teff, and {chi2}."
     return (f"Kiel diagram coloured by [Fe/H] and {chi2}. This run did not fit [α/Fe] (the ALPHA columns are "
             "NaN), so there is no [α/Fe]–[Fe/H] diagram.")
+
+
+def flag_table(bits: Sequence[tuple[int, str, str]], counts: Mapping[str, int]) -> str:
+    """The FLAG bits as a Markdown pipe table (a real table in the HTML, readable in report.md)."""
+    def cell(text: str) -> str:
+        return str(text).replace("|", "\\|")
+
+    rows = ["| bit | name | visits | meaning |", "|---:|:---|---:|:---|"]
+    rows += [f"| {bit} | `{cell(name)}` | {counts.get(name, 0):,} | {cell(desc)} |" for bit, name, desc in bits]
+    return "\n".join(rows)
 
 
 def build_report(ctx: StageContext) -> tuple[Path, Path]:
@@ -79,20 +90,20 @@ def build_report(ctx: StageContext) -> tuple[Path, Path]:
         model = np.where(emu.pixel_mask[None, :], emu.predict(lab), np.nan)  # only where the emulator is trained
         captions = [f"{vac['MANGAID'].iloc[i]} MJD {vac['MJD'].iloc[i]}: Teff {vac['TEFF'].iloc[i]:.0f} K, "
                     f"log g {vac['LOGG'].iloc[i]:.2f}, [Fe/H] {vac['FEH'].iloc[i]:+.2f}, "
-                    f"chi2_red {vac['CHISQ'].iloc[i]:.2f}" for i in rows]
+                    f"reduced χ² {vac['CHISQ'].iloc[i]:.2f}" for i in rows]
         figs["fits"] = plot_example_fits(emu.wave, nf, ni, model, captions, d / "example_fits.png")
     n, nv = len(vac), int(vac["VALID"].sum())
     counts = flag_counts(vac["FLAG"].to_numpy())
     bits = describe_bits(ctx.cfg.quality)
-    flag_lines = [f"{bit:>3} {name:<18} {counts.get(name, 0):>7}  {desc}" for bit, name, desc in bits]
     sections = [
         Section("Summary", text=(
             f"mastar_vac {__version__}; configuration `{ctx.cfg.source}`; emulator `{emu.content_hash()[:12]}` "
             f"({emu.n_hidden} hidden, {emu.activation}, labels {', '.join(emu.label_names)}).\n\n"
             f"**{n}** catalogue rows, one per input visit (keys unique); **{nv}** VALID "
             f"({100 * nv / max(n, 1):.1f}%). Products: `catalog/mastar_vac_params.fits` (FITS VAC) and "
-            f"`catalog/mastar_vac_params.parquet` (Parquet dataset)."),
-            tables=["bit name                  visits  meaning\n" + "\n".join(flag_lines)]),
+            f"`catalog/mastar_vac_params.parquet` (Parquet dataset).\n\n"
+            f"Visits per FLAG bit (a visit can carry several; VALID=0 marks the bits that invalidate a fit):\n\n"
+            f"{flag_table(bits, counts)}")),
         Section("Catalogue", text=catalogue_text(alpha_fitted),
                 figures=[(figs["kiel"], "Kiel diagram (VALID visits)"),
                          *([(figs["alpha"], "[α/Fe] vs [Fe/H]")] if alpha_fitted else []),

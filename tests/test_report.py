@@ -83,7 +83,7 @@ def test_write_report(tmp_path, figures):
     assert "MaStar VAC <demo>" in body  # shown as text, escaped in the source
     assert "two <b>not bold</b>" in body
     assert "LOGG <x> 0.01" in body
-    assert ("strong", {}) in doc.tags and ("code", {}) in doc.tags and ("pre", {}) in doc.tags
+    assert ("strong", {}) in doc.tags and ("code", {}) in doc.tags and ("pre", {"class": "table"}) in doc.tags
 
 
 def test_missing_figure_is_linked_with_a_warning(tmp_path, caplog):
@@ -135,3 +135,31 @@ def test_pipe_tables_render_as_html_tables(tmp_path):
     body = source[source.index("<body>"):]
     assert "|---" not in body and "**" not in body and "---:" not in body
     assert "| 0 | CHI2_HIGH | 12 |" in md.read_text()
+
+
+def test_flag_table_is_a_real_table(tmp_path):
+    """The Summary's FLAG table is a Markdown table: an HTML <table>, one row per bit,
+    the counts right-aligned, a '|' in a description escaped rather than splitting a cell."""
+    from mastar_vac.report_build import flag_table
+
+    bits = [(0, "CHI2_HIGH", "reduced chi2 > 100; VALID=0"), (4, "LOW_SNR", "S/N < 15 | unknown")]
+    text = flag_table(bits, {"CHI2_HIGH": 1234})
+    _, page = write_report(tmp_path, title="t", sections=[Section("Summary", text)])
+    source = page.read_text()
+    doc = _parse(source)
+    rows = [a for t, a in doc.tags if t == "tr"]
+    assert len(rows) == 3
+    tds = [a for t, a in doc.tags if t == "td"]
+    assert len(tds) == 8 and tds[2].get("style") == "text-align: right;"
+    body = "".join(doc.text)
+    assert "1,234" in body and "S/N < 15 | unknown" in body and "|---" not in source
+
+
+def test_preformatted_tables_wrap_long_title_lines(tmp_path):
+    """A column-aligned table stays in <pre> (alignment kept), with a class whose CSS wraps a
+    line too long for the page (a long file path in a title line ran off the page)."""
+    _, page = write_report(tmp_path, title="t", sections=[Section("A", tables=["x" * 300 + "\na  b\n1  2"])])
+    source = page.read_text()
+    assert '<pre class="table">' in source
+    css = source[source.index("<style>"):source.index("</style>")]
+    assert "pre.table { white-space: pre-wrap" in css
