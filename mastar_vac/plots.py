@@ -287,7 +287,7 @@ def plot_kiel_chi2(df: pd.DataFrame, path: str | os.PathLike[str], *, chi2_thres
             hx.axvline(chi2_threshold, color="k", ls=":", label=f"threshold {chi2_threshold:g}")
         hx.set_xscale("log")
         hx.legend(fontsize=8)
-        hx.set(title=f"median reduced chi2 = {np.median(c):.3g}")
+        hx.set(title=rf"median reduced $\chi^2$ = {np.median(c):.3g}")
     else:
         _note(hx, "no finite reduced chi-square")
     hx.set(xlabel=LABEL_TEXT["CHISQ"], ylabel="visits")

@@ -22,7 +22,7 @@ from .report import Section, write_report
 if TYPE_CHECKING:
     from .stages import StageContext
 
-__all__ = ["build_report", "catalogue_text", "example_fit_rows", "flag_table"]
+__all__ = ["build_report", "catalogue_text", "comparison_figures", "example_fit_rows", "flag_table"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,29 @@ def flag_table(bits: Sequence[tuple[int, str, str]], counts: Mapping[str, int]) 
     rows = ["| bit | name | visits | meaning |", "|---:|:---|---:|:---|"]
     rows += [f"| {bit} | `{cell(name)}` | {counts.get(name, 0):,} | {cell(desc)} |" for bit, name, desc in bits]
     return "\n".join(rows)
+
+
+def comparison_figures(compare_dir: Path, recorded: Sequence[str]) -> list[tuple[Path, str]]:
+    """The comparison stage's figures, found in ``compare_dir``, each with a caption.
+
+    The stage records the paths as it wrote them, relative to the directory the build ran
+    in; taken by name from the stage's own folder they are found whatever the report's
+    working directory (resolved from the current one, they pointed nowhere when the
+    report was rebuilt from elsewhere)."""
+    out: list[tuple[Path, str]] = []
+    for f in recorded:
+        name = Path(f).name
+        stem = Path(name).stem
+        if stem.startswith("compare_"):
+            survey = stem.removeprefix("compare_").upper()
+            caption = (f"VAC vs {survey}, per label (VALID visits): the red line is equality; each panel gives N, "
+                       f"the median offset (VAC − {survey}), the standard deviation and 1.4826·MAD")
+        elif stem == "cmd_by_label":
+            caption = "Gaia colour–magnitude diagram coloured by each label (cf. Imig et al. 2022, Fig. 11)"
+        else:
+            caption = stem.replace("_", " ")
+        out.append(((compare_dir / name).resolve(), caption))
+    return out
 
 
 def build_report(ctx: StageContext) -> tuple[Path, Path]:
@@ -126,7 +149,7 @@ def build_report(ctx: StageContext) -> tuple[Path, Path]:
     sections.append(Section("Comparisons (Table 2, Figure 11)",
                             text="VAC − external catalogue: median offset and scatter per label (VALID visits).",
                             tables=[_read(ctx.compare_path.parent / "table2.txt")],
-                            figures=[Path(f).resolve() for f in cmp.get("figures", [])]))
+                            figures=comparison_figures(ctx.compare_path.parent, cmp.get("figures", []))))
     if "fits" in figs:
         sections.append(Section("Example fits", figures=[(figs["fits"], "normalized spectra, best fits, residuals")]))
     study = ctx.outdir / "studies" / "semi_empirical"

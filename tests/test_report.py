@@ -163,3 +163,27 @@ def test_preformatted_tables_wrap_long_title_lines(tmp_path):
     assert '<pre class="table">' in source
     css = source[source.index("<style>"):source.index("</style>")]
     assert "pre.table { white-space: pre-wrap" in css
+
+
+def test_comparison_figures_are_found_in_their_folder_with_captions(tmp_path, monkeypatch):
+    """The compare stage records its figures relative to the build's working directory;
+    the report finds them in the compare folder whatever directory it is rebuilt from,
+    and gives each a caption (not the file name)."""
+    from mastar_vac.report_build import comparison_figures
+
+    out = tmp_path / "run" / "output" / "demo" / "compare"
+    out.mkdir(parents=True)
+    for name in ("compare_published.png", "cmd_by_label.png"):
+        (out / name).write_bytes(b"\x89PNG\r\n\x1a\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # not the directory the build ran in
+    figs = comparison_figures(out, ["output/demo/compare/compare_published.png", "output/demo/compare/cmd_by_label.png"])
+    assert [p for p, _ in figs] == [out / "compare_published.png", out / "cmd_by_label.png"]
+    assert all(p.is_file() for p, _ in figs)
+    assert "VAC vs PUBLISHED" in figs[0][1] and "colour–magnitude" in figs[1][1]
+    _, page = write_report(tmp_path / "run" / "output" / "demo" / "report", title="t",
+                           sections=[Section("Comparisons", figures=figs)])
+    doc = _parse(page.read_text())
+    assert [a["src"] for t, a in doc.tags if t == "img"] == ["../compare/compare_published.png",
+                                                            "../compare/cmd_by_label.png"]
