@@ -32,6 +32,10 @@ FITS (:func:`write_vac_fits`)
     interpret the columns (FITLABEL, FLAGBITn, PKGVERS, EMUHASH), because
     ``Table.read`` and most viewers only show the table's header.
 
+    The file is written by ``astropy.io.fits`` (the whole table is in memory anyway: a
+    VAC is one small row per visit). Every HDU carries CHECKSUM and DATASUM, stamped with
+    DATE rather than the clock, so the same catalogue and provenance give the same bytes.
+
 Parquet (:func:`write_vac_parquet`)
     A directory of Parquet files. By default the rows are cut, in the caller's order, into
     files of at most ``rows_per_file`` rows (``part-00000.parquet``, …; row groups of at
