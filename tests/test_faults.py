@@ -159,8 +159,11 @@ def _build(cfg: Path, tmp: Path) -> subprocess.CompletedProcess:
                           env=_env(tmp), capture_output=True, text=True, timeout=900)
 
 
-def _build_killed_at(cfg: Path, tmp: Path, marker: str, delay: float) -> str:
-    """Start a build, SIGKILL its whole process group ``delay`` s after ``marker`` is logged."""
+def _build_killed_at(cfg: Path, tmp: Path, marker: str, delay: float,
+                     wait_for: tuple[Path, str] | None = None) -> str:
+    """Start a build, SIGKILL its whole process group ``delay`` s after ``marker`` is logged
+    (and, with ``wait_for`` = (folder, glob pattern), once a file matches there: on a loaded machine a
+    fixed delay can end before the first fit block is written)."""
     proc = subprocess.Popen([sys.executable, "-m", "mastar_vac.build", "--config", str(cfg)], cwd=tmp,
                             env=_env(tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -178,6 +181,10 @@ def _build_killed_at(cfg: Path, tmp: Path, marker: str, delay: float) -> str:
     t.start()
     assert hit.wait(600), "".join(seen[-30:])
     time.sleep(delay)
+    if wait_for is not None:
+        deadline = time.time() + 300
+        while not list(wait_for[0].glob(wait_for[1])) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(60)
     t.join(10)
@@ -217,7 +224,8 @@ def test_killed_build_resumes_to_the_same_catalogue(uninterrupted, stage, marker
     tmp, clean = uninterrupted
     out = f"killed-{stage}"
     cfg = _config(tmp, out)
-    log = _build_killed_at(cfg, tmp, marker, delay)
+    blocks = (tmp / out / "fit", ".blocks-*/rows-*.npz")  # the fit's checkpoints
+    log = _build_killed_at(cfg, tmp, marker, delay, wait_for=blocks if stage == "fitting" else None)
     assert "stage report ran" not in log  # it really died before the end
     assert not (tmp / out / "catalog" / "mastar_vac_params.parquet").exists()
     cube_done = _cube_complete(tmp / out / "cube.zarr")
