@@ -40,6 +40,7 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 from astropy.coordinates import SkyCoord
+from scipy.stats import median_abs_deviation
 
 __all__ = [
     "LABELS",
@@ -351,7 +352,7 @@ def _stream_match(blocks: Iterable[pd.DataFrame], stars: pd.DataFrame, radius_ar
 # ---------------------------------------------------------------------------
 
 def _robust_std(x: np.ndarray) -> float:
-    return float(1.4826 * np.median(np.abs(x - np.median(x)))) if len(x) else np.nan
+    return float(1.4826 * median_abs_deviation(x)) if len(x) else np.nan
 
 
 def comparison_table(joined: pd.DataFrame, survey: str, labels: Sequence[str] = LABELS,

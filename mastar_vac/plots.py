@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 from numpy.typing import ArrayLike, NDArray  # noqa: E402
+from scipy.stats import median_abs_deviation  # noqa: E402
 
 from .io.atomic import atomic_path  # noqa: E402
 
@@ -286,7 +287,7 @@ def plot_kiel_chi2(df: pd.DataFrame, path: str | os.PathLike[str], *, chi2_thres
             hx.axvline(chi2_threshold, color="k", ls=":", label=f"threshold {chi2_threshold:g}")
         hx.set_xscale("log")
         hx.legend(fontsize=8)
-        hx.set(title=f"median reduced chi2 = {np.median(c):.3g}")
+        hx.set(title=rf"median reduced $\chi^2$ = {np.median(c):.3g}")
     else:
         _note(hx, "no finite reduced chi-square")
     hx.set(xlabel=LABEL_TEXT["CHISQ"], ylabel="visits")
@@ -319,13 +320,18 @@ def plot_example_fits(wave: ArrayLike, flux: ArrayLike, ivar: ArrayLike, model: 
     if n > max_spectra:
         pick = np.unique(np.linspace(0, n - 1, max_spectra).round().astype(int))
         log.info("plot_example_fits: %d spectra given, showing %d", n, pick.size)
-    height = 2.8 * pick.size + 0.6
+    height = 2.9 * pick.size + 0.7
     fig = plt.figure(figsize=(12, height))
-    outer = fig.add_gridspec(pick.size, 1, hspace=0.22, top=1 - 0.5 / height, bottom=0.45 / height)
+    # room between blocks for each block's caption, drawn above its panel: a caption inside
+    # the panel sat on the spectrum (the absorption lines reach the bottom of the frame)
+    outer = fig.add_gridspec(pick.size, 1, hspace=0.38, top=1 - 0.75 / height, bottom=0.45 / height)
+    axes: list[plt.Axes] = []
+    span = [np.inf, -np.inf]
     for k, i in enumerate(pick):
         inner = outer[k].subgridspec(2, 1, height_ratios=[3, 1], hspace=0.0)
         top = fig.add_subplot(inner[0])
         bot = fig.add_subplot(inner[1], sharex=top)
+        axes += [top, bot]
         good = np.isfinite(flux[i]) & np.isfinite(ivar[i]) & (ivar[i] > 0)
         if not good.any():
             _note(top, "no usable pixels")
@@ -346,15 +352,24 @@ def plot_example_fits(wave: ArrayLike, flux: ArrayLike, ivar: ArrayLike, model: 
             lo = min(np.percentile(fin, 0.5), mod.min() if mod.size else np.inf)
             hi = max(np.percentile(fin, 99.5), mod.max() if mod.size else -np.inf)
             top.set_ylim(max(-0.05, lo - 0.05), hi + 0.08)
-        top.text(0.01, 0.05, texts[i], transform=top.transAxes, fontsize=9, va="bottom",
-                 bbox={"facecolor": "white", "alpha": 0.7, "lw": 0})
+            drawn = wave[i][good | np.isfinite(m)]
+            span = [min(span[0], float(drawn.min())), max(span[1], float(drawn.max()))]
+        top.set_title(texts[i], loc="left", fontsize=9)
         top.set_ylabel("norm. flux")
         bot.set_ylabel("resid.")
         top.tick_params(labelbottom=False)
         if k == 0 and good.any():
-            top.legend(loc="lower right", fontsize=8, ncol=2)
+            # above the frame, right of the caption: inside it the legend hid the spectrum
+            top.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize=8, ncol=2, frameon=False,
+                       borderaxespad=0.1)
         bot.set_xlabel(r"vacuum wavelength [$\AA$]" if k == pick.size - 1 else "")
-    fig.suptitle("Example fits (residual = data - model; grey: the 1-sigma noise band)")
+    if np.isfinite(span).all():
+        # one wavelength range for every block, so the spectra line up for comparison
+        pad = 0.01 * (span[1] - span[0])
+        for ax in axes:
+            ax.set_xlim(span[0] - pad, span[1] + pad)
+    fig.suptitle("Example fits (residual = data - model; grey: the 1-sigma noise band)", y=1 - 0.2 / height,
+                 va="top")
     return save_figure(fig, path)
 
 
@@ -417,7 +432,7 @@ def _robust_stats(d: NDArray[np.float64]) -> tuple[int, float, float, float]:
         return 0, float("nan"), float("nan"), float("nan")
     med = float(np.median(d))
     std = float(np.std(d, ddof=1)) if d.size > 1 else float("nan")
-    return int(d.size), med, std, float(1.4826 * np.median(np.abs(d - med)))
+    return int(d.size), med, std, float(1.4826 * median_abs_deviation(d))
 
 
 def plot_comparison(joined_df: pd.DataFrame, survey: str, path: str | os.PathLike[str],

@@ -5,11 +5,10 @@ runs; ``report.html`` opens in any browser from the output directory with no ser
 no JavaScript and nothing fetched from the network (the figures are relative links, so
 the directory can be copied or archived as a whole).
 
-The HTML is converted here from a small, safe Markdown subset — headings, paragraphs,
-lists, emphasis, inline code, fenced code blocks, links and images — instead of
-depending on the ``markdown`` package (not a dependency of the project). All text is
-HTML-escaped before any markup is applied, and links are kept only for http(s), mailto
-and relative targets, so a label or file name can never inject markup or script.
+The section texts are converted with Python-Markdown (the ``markdown`` package, with its
+``tables`` and ``fenced_code`` extensions). Raw HTML in a text is escaped, not passed
+through, and links and images are kept only for http(s), mailto and relative targets,
+so a label or file name can never inject markup or script.
 """
 
 from __future__ import annotations
@@ -23,6 +22,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote, urlsplit
+from xml.etree import ElementTree
+
+import markdown
+from markdown.extensions import Extension
+from markdown.treeprocessors import Treeprocessor
 
 from . import __version__
 from .io.atomic import atomic_path
@@ -43,7 +47,7 @@ class Section:
     heading
         Section title (plain text).
     text
-        Free text in Markdown (the subset :func:`markdown_to_html` understands).
+        Free text in Markdown (with pipe tables; see :func:`markdown_to_html`).
     tables
         Preformatted tables (e.g. ``DataFrame.to_string()``), shown monospaced as given.
     figures
@@ -58,20 +62,11 @@ class Section:
 
 
 # ---------------------------------------------------------------------------
-# Markdown subset → HTML
+# Markdown → HTML (Python-Markdown, made safe)
 # ---------------------------------------------------------------------------
 
 _SAFE_SCHEMES = {"", "http", "https", "mailto"}
-_CODE_SPAN = re.compile(r"`([^`\n]+)`")
-_IMAGE = re.compile(r"!\[([^\]\n]*)\]\(([^)\s]+)\)")
-_LINK = re.compile(r"\[([^\]\n]+)\]\(([^)\s]+)\)")
-_BOLD = re.compile(r"\*\*(?=\S)(.+?)(?<=\S)\*\*")
-_ITALIC = re.compile(r"(?<![\w*])\*(?=\S)([^*\n]+?)(?<=\S)\*(?![\w*])|(?<![\w_])_(?=\S)([^_\n]+?)(?<=\S)_(?![\w_])")
-_HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
-_ULIST = re.compile(r"^\s*[-*+]\s+(.*)$")
-_OLIST = re.compile(r"^\s*\d+[.)]\s+(.*)$")
-_FENCE = re.compile(r"^\s*(```|~~~)")
-_RULE = re.compile(r"^\s*([-*_])(\s*\1){2,}\s*$")
+_MD_EXTENSIONS = ("tables", "fenced_code")
 
 
 def _safe_url(url: str) -> str | None:
@@ -84,106 +79,52 @@ def _safe_url(url: str) -> str | None:
     return url
 
 
-def _inline(text: str) -> str:
-    """Escape ``text`` and apply the inline markup (code spans first: nothing inside them is markup)."""
-    spans: list[str] = []
+class _SafeTree(Treeprocessor):
+    """Demote headings under the section's ``<h2>`` and defuse links and images whose
+    target is not http(s), mailto or relative (they become plain text)."""
 
-    def _keep(m: re.Match[str]) -> str:
-        spans.append(f"<code>{html.escape(m.group(1))}</code>")
-        return f"\x00{len(spans) - 1}\x00"
+    def __init__(self, md: markdown.Markdown, heading_offset: int) -> None:
+        super().__init__(md)
+        self.heading_offset = heading_offset
 
-    text = _CODE_SPAN.sub(_keep, text)
-    out = html.escape(text, quote=True)
+    def run(self, root: ElementTree.Element) -> None:
+        for el in root.iter():
+            if re.fullmatch(r"h[1-6]", el.tag) and self.heading_offset:
+                el.tag = f"h{min(6, int(el.tag[1]) + self.heading_offset)}"
+            elif el.tag == "a" and _safe_url(el.get("href", "")) is None:
+                el.tag = "span"
+                el.attrib.clear()
+            elif el.tag == "img" and _safe_url(el.get("src", "")) is None:
+                alt = el.get("alt", "")
+                el.tag = "span"
+                el.attrib.clear()
+                el.text = alt
 
-    def _image(m: re.Match[str]) -> str:
-        url = _safe_url(m.group(2))
-        if url is None:
-            return m.group(0)
-        return f'<img src="{html.escape(url, quote=True)}" alt="{m.group(1)}">'
 
-    def _link(m: re.Match[str]) -> str:
-        url = _safe_url(m.group(2))
-        if url is None:
-            return m.group(1)
-        return f'<a href="{html.escape(url, quote=True)}">{m.group(1)}</a>'
+class _SafeMarkdown(Extension):
+    """Raw HTML in the text is shown as text, not passed through (a label or file name
+    can never inject markup or script); see :class:`_SafeTree` for links and images."""
 
-    out = _IMAGE.sub(_image, out)
-    out = _LINK.sub(_link, out)
-    out = _BOLD.sub(r"<strong>\1</strong>", out)
-    out = _ITALIC.sub(lambda m: f"<em>{m.group(1) or m.group(2)}</em>", out)
-    return re.sub(r"\x00(\d+)\x00", lambda m: spans[int(m.group(1))], out)
+    def __init__(self, heading_offset: int = 0) -> None:
+        super().__init__()
+        self.heading_offset = heading_offset
+
+    def extendMarkdown(self, md: markdown.Markdown) -> None:  # noqa: N802 - Python-Markdown's API name
+        md.preprocessors.deregister("html_block")
+        md.inlinePatterns.deregister("html")
+        # after UnescapeTreeprocessor (priority 0), so the URLs checked are the final ones
+        md.treeprocessors.register(_SafeTree(md, self.heading_offset), "mastar_vac_safe", -5)
 
 
 def markdown_to_html(text: str, *, heading_offset: int = 0) -> str:
-    """Convert the Markdown subset to HTML, escaping everything else.
+    """Markdown → HTML with Python-Markdown and its ``tables`` and ``fenced_code`` extensions.
 
-    Supported: ATX headings (``#``), paragraphs (blank-line separated), ``-``/``*``/``+``
-    and numbered lists (one level), fenced code blocks, horizontal rules, ``**bold**``,
-    ``*italic*``/``_italic_``, ```code```, ``[text](url)`` and ``![alt](src)``.
-    Anything else (raw HTML included) is shown as text. ``heading_offset`` demotes
+    Raw HTML in ``text`` is escaped and shown, never passed through; links and images are
+    kept only for http(s), mailto and relative targets. ``heading_offset`` demotes
     headings (a section's ``#`` becomes ``<h3>`` under the section's ``<h2>``).
     """
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    out: list[str] = []
-    para: list[str] = []
-    list_kind: str | None = None
-    i = 0
-
-    def flush_para() -> None:
-        if para:
-            out.append(f"<p>{_inline(' '.join(s.strip() for s in para))}</p>")
-            para.clear()
-
-    def close_list() -> None:
-        nonlocal list_kind
-        if list_kind:
-            out.append(f"</{list_kind}>")
-            list_kind = None
-
-    while i < len(lines):
-        line = lines[i]
-        if _FENCE.match(line):
-            flush_para()
-            close_list()
-            fence = _FENCE.match(line).group(1)  # type: ignore[union-attr]
-            body: list[str] = []
-            i += 1
-            while i < len(lines) and not lines[i].strip().startswith(fence):
-                body.append(lines[i])
-                i += 1
-            out.append(f"<pre><code>{html.escape(chr(10).join(body))}</code></pre>")
-            i += 1
-            continue
-        if not line.strip():
-            flush_para()
-            close_list()
-        elif m := _HEADING.match(line):
-            flush_para()
-            close_list()
-            level = min(6, len(m.group(1)) + heading_offset)
-            out.append(f"<h{level}>{_inline(m.group(2))}</h{level}>")
-        elif _RULE.match(line) and not para:
-            close_list()
-            out.append("<hr>")
-        elif (m := _ULIST.match(line)) or (m2 := _OLIST.match(line)):
-            flush_para()
-            kind = "ul" if m else "ol"
-            item = (m or m2).group(1)  # type: ignore[union-attr]
-            if list_kind != kind:
-                close_list()
-                out.append(f"<{kind}>")
-                list_kind = kind
-            out.append(f"<li>{_inline(item)}</li>")
-        elif list_kind and line.startswith((" ", "\t")):
-            # continuation of the previous list item
-            out[-1] = out[-1][: -len("</li>")] + " " + _inline(line.strip()) + "</li>"
-        else:
-            close_list()
-            para.append(line)
-        i += 1
-    flush_para()
-    close_list()
-    return "\n".join(out)
+    md = markdown.Markdown(extensions=[*_MD_EXTENSIONS, _SafeMarkdown(heading_offset)], output_format="html")
+    return md.convert(text)
 
 
 # ---------------------------------------------------------------------------
@@ -196,6 +137,12 @@ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width:
 h1 { border-bottom: 2px solid #ddd; padding-bottom: .3rem; }
 h2 { border-bottom: 1px solid #eee; padding-bottom: .2rem; margin-top: 2.5rem; }
 pre { background: #f6f8fa; padding: .8rem; overflow-x: auto; font-size: .85rem; line-height: 1.3; }
+/* a preformatted table's title lines (file paths, long notes) wrap instead of running off the page */
+pre.table { white-space: pre-wrap; overflow-wrap: anywhere; }
+table { border-collapse: collapse; margin: 1rem 0; font-size: .9rem; }
+th, td { border: 1px solid #ddd; padding: .2rem .6rem; }
+th { background: #f6f8fa; }
+tbody tr:nth-child(even) { background: #fbfbfb; }
 code { background: #f6f8fa; padding: 0 .2rem; }
 pre code { background: none; padding: 0; }
 figure { margin: 1rem 0; }
@@ -271,7 +218,7 @@ def write_report(directory: str | os.PathLike[str], *, title: str, sections: Seq
         for table in sec.tables:
             fence = _fence_for(table)
             md += [fence, table.rstrip("\n"), fence, ""]
-            body.append(f"<pre>{html.escape(table.rstrip())}</pre>")
+            body.append(f'<pre class="table">{html.escape(table.rstrip())}</pre>')
         for rel, caption in figs:
             md += [f"![{_md_escape_alt(caption)}](<{rel}>)", ""]
             body.append(f'<figure><img src="{html.escape(quote(rel), quote=True)}" '

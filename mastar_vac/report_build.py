@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +22,7 @@ from .report import Section, write_report
 if TYPE_CHECKING:
     from .stages import StageContext
 
-__all__ = ["build_report", "example_fit_rows"]
+__all__ = ["build_report", "catalogue_text", "comparison_figures", "example_fit_rows", "flag_table"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,39 @@ def catalogue_text(alpha_fitted: bool) -> str:
         return f"Kiel diagram coloured by [Fe/H], [α/Fe]–[Fe/H] coloured by Teff, and {chi2}."
     return (f"Kiel diagram coloured by [Fe/H] and {chi2}. This run did not fit [α/Fe] (the ALPHA columns are "
             "NaN), so there is no [α/Fe]–[Fe/H] diagram.")
+
+
+def flag_table(bits: Sequence[tuple[int, str, str]], counts: Mapping[str, int]) -> str:
+    """The FLAG bits as a Markdown pipe table (a real table in the HTML, readable in report.md)."""
+    def cell(text: str) -> str:
+        return str(text).replace("|", "\\|")
+
+    rows = ["| bit | name | visits | meaning |", "|---:|:---|---:|:---|"]
+    rows += [f"| {bit} | `{cell(name)}` | {counts.get(name, 0):,} | {cell(desc)} |" for bit, name, desc in bits]
+    return "\n".join(rows)
+
+
+def comparison_figures(compare_dir: Path, recorded: Sequence[str]) -> list[tuple[Path, str]]:
+    """The comparison stage's figures, found in ``compare_dir``, each with a caption.
+
+    The stage records the paths as it wrote them, relative to the directory the build ran
+    in; taken by name from the stage's own folder they are found whatever the report's
+    working directory (resolved from the current one, they pointed nowhere when the
+    report was rebuilt from elsewhere)."""
+    out: list[tuple[Path, str]] = []
+    for f in recorded:
+        name = Path(f).name
+        stem = Path(name).stem
+        if stem.startswith("compare_"):
+            survey = stem.removeprefix("compare_").upper()
+            caption = (f"VAC vs {survey}, per label (VALID visits): the red line is equality; each panel gives N, "
+                       f"the median offset (VAC − {survey}), the standard deviation and 1.4826·MAD")
+        elif stem == "cmd_by_label":
+            caption = "Gaia colour–magnitude diagram coloured by each label (cf. Imig et al. 2022, Fig. 11)"
+        else:
+            caption = stem.replace("_", " ")
+        out.append(((compare_dir / name).resolve(), caption))
+    return out
 
 
 def build_report(ctx: StageContext) -> tuple[Path, Path]:
@@ -79,20 +113,20 @@ def build_report(ctx: StageContext) -> tuple[Path, Path]:
         model = np.where(emu.pixel_mask[None, :], emu.predict(lab), np.nan)  # only where the emulator is trained
         captions = [f"{vac['MANGAID'].iloc[i]} MJD {vac['MJD'].iloc[i]}: Teff {vac['TEFF'].iloc[i]:.0f} K, "
                     f"log g {vac['LOGG'].iloc[i]:.2f}, [Fe/H] {vac['FEH'].iloc[i]:+.2f}, "
-                    f"chi2_red {vac['CHISQ'].iloc[i]:.2f}" for i in rows]
+                    f"reduced χ² {vac['CHISQ'].iloc[i]:.2f}" for i in rows]
         figs["fits"] = plot_example_fits(emu.wave, nf, ni, model, captions, d / "example_fits.png")
     n, nv = len(vac), int(vac["VALID"].sum())
     counts = flag_counts(vac["FLAG"].to_numpy())
     bits = describe_bits(ctx.cfg.quality)
-    flag_lines = [f"{bit:>3} {name:<18} {counts.get(name, 0):>7}  {desc}" for bit, name, desc in bits]
     sections = [
         Section("Summary", text=(
             f"mastar_vac {__version__}; configuration `{ctx.cfg.source}`; emulator `{emu.content_hash()[:12]}` "
             f"({emu.n_hidden} hidden, {emu.activation}, labels {', '.join(emu.label_names)}).\n\n"
             f"**{n}** catalogue rows, one per input visit (keys unique); **{nv}** VALID "
             f"({100 * nv / max(n, 1):.1f}%). Products: `catalog/mastar_vac_params.fits` (FITS VAC) and "
-            f"`catalog/mastar_vac_params.parquet` (Parquet dataset)."),
-            tables=["bit name                  visits  meaning\n" + "\n".join(flag_lines)]),
+            f"`catalog/mastar_vac_params.parquet` (Parquet dataset).\n\n"
+            f"Visits per FLAG bit (a visit can carry several; VALID=0 marks the bits that invalidate a fit):\n\n"
+            f"{flag_table(bits, counts)}")),
         Section("Catalogue", text=catalogue_text(alpha_fitted),
                 figures=[(figs["kiel"], "Kiel diagram (VALID visits)"),
                          *([(figs["alpha"], "[α/Fe] vs [Fe/H]")] if alpha_fitted else []),
@@ -115,7 +149,7 @@ def build_report(ctx: StageContext) -> tuple[Path, Path]:
     sections.append(Section("Comparisons (Table 2, Figure 11)",
                             text="VAC − external catalogue: median offset and scatter per label (VALID visits).",
                             tables=[_read(ctx.compare_path.parent / "table2.txt")],
-                            figures=[Path(f).resolve() for f in cmp.get("figures", [])]))
+                            figures=comparison_figures(ctx.compare_path.parent, cmp.get("figures", []))))
     if "fits" in figs:
         sections.append(Section("Example fits", figures=[(figs["fits"], "normalized spectra, best fits, residuals")]))
     study = ctx.outdir / "studies" / "semi_empirical"

@@ -71,6 +71,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from numpy.typing import NDArray
+from scipy.stats import median_abs_deviation
 
 __all__ = [
     "DEFAULT_FLOORS",
@@ -521,7 +522,7 @@ def _fit_ml(delta: NDArray, z1: NDArray, z2: NDArray, floor: float, config: Unce
         return res.x
 
     # start: a constant σ from the robust width of the differences (Δ has variance 2σ²)
-    s0 = 1.4826 * float(np.median(np.abs(delta - np.median(delta)))) / math.sqrt(2.0)
+    s0 = 1.4826 * float(median_abs_deviation(delta)) / math.sqrt(2.0)
     if not s0 > 0:
         s0 = PAIR_FACTOR * float(np.mean(np.abs(delta)))
     s0 = max(s0, floor, 1e-12)
@@ -618,7 +619,7 @@ def _robust_width(x: NDArray[np.float64]) -> float:
     x = x[np.isfinite(x)]
     if x.size == 0:
         return float("nan")
-    return float(1.4826 * np.median(np.abs(x - np.median(x))))
+    return float(1.4826 * median_abs_deviation(x))
 
 
 def calibration_widths(pairs: pd.DataFrame, model: ErrorModel) -> dict[str, float]:

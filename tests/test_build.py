@@ -52,6 +52,44 @@ def test_build_runs_and_reports(small_build):
     assert len(fits) == n and not fits.duplicated(["MANGAID", "PLATE", "IFUDESIGN", "MJD"]).any()
 
 
+def test_report_html_renders_tables_and_figures(small_build):
+    """What a reader opens: the FLAG table is an HTML table, every figure the page links
+    exists (and has a caption), no Markdown markup is left as text, and the [α/Fe] panel
+    is left out (with a sentence saying why) when [α/Fe] was not fitted."""
+    import html.parser
+    from urllib.parse import unquote
+
+    tmp, _, _, proc = small_build
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = tmp / "out" / "report"
+    page = (report / "report.html").read_text()
+
+    class Tags(html.parser.HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tags: list[tuple[str, dict]] = []
+            self.text: list[str] = []
+
+        def handle_starttag(self, tag, attrs):  # noqa: ANN001
+            self.tags.append((tag, dict(attrs)))
+
+        def handle_data(self, data):  # noqa: ANN001
+            self.text.append(data)
+
+    doc = Tags()
+    doc.feed(page)
+    tags = [t for t, _ in doc.tags]
+    assert tags.count("table") >= 1 and tags.count("td") >= 4 * 10  # 10 FLAG bits x 4 columns
+    imgs = [a["src"] for t, a in doc.tags if t == "img"]
+    assert imgs and tags.count("figcaption") == len(imgs)
+    missing = [s for s in imgs if not (report / unquote(s)).is_file()]
+    assert not missing, missing
+    text = "".join(doc.text)
+    for markup in ("|---", "**", "![", "](", "```"):
+        assert markup not in text, markup
+    assert not any("alpha_feh" in s for s in imgs) and "did not fit [α/Fe]" in text
+
+
 def test_second_build_reuses_stages(small_build):
     tmp, cfg, env, first = small_build
     assert first.returncode == 0

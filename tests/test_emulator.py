@@ -69,6 +69,60 @@ def test_training_is_reproducible_and_ignores_masked_pixels():
     assert set(a.split) == {"train", "test", "validation"}
 
 
+def test_cosine_schedule_runs_its_length_and_keeps_the_best_state():
+    lab = toy_labels(300, seed=5)
+    flux, ivar = toy_spectra(lab), np.full((300, len(mastar_wavelength())), 1e4)
+    cfg = TrainConfig(hidden=32, lr_schedule="cosine", cosine_epochs=40, patience=1, seed=3)
+    r = train_emulator(lab, flux, ivar, label_names=LABELS, wave=mastar_wavelength(), config=cfg, progress=False)
+    # the schedule decides the length (patience does not stop it) and the rate falls to 1/100
+    assert r.epochs == 40 and len(r.history["lr"]) == 40
+    assert r.history["lr"][0] == pytest.approx(cfg.learning_rate)
+    assert r.history["lr"][-1] < cfg.learning_rate / 50
+    assert r.emulator.metrics["best_test_loss"] == pytest.approx(min(r.history["test"]))
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="step")
+
+
+def test_warm_start_begins_where_the_first_emulator_ended():
+    lab = toy_labels(400, seed=6)
+    flux, ivar = toy_spectra(lab), np.full((400, len(mastar_wavelength())), 1e4)
+    cfg = TrainConfig(hidden=32, lr_schedule="cosine", cosine_epochs=60, warm_fraction=0.25, seed=4)
+    wave = mastar_wavelength()
+    first = train_emulator(lab, flux, ivar, label_names=LABELS, wave=wave, config=cfg, progress=False)
+    keep = np.arange(20, 400)  # a few stars fewer, as after the label-outlier cut
+    split = {k: v[v >= 20] - 20 for k, v in first.split.items()}
+    warm = train_emulator(lab[keep], flux[keep], ivar[keep], label_names=LABELS, wave=wave, config=cfg,
+                          split=split, init=first.emulator, progress=False)
+    cold = train_emulator(lab[keep], flux[keep], ivar[keep], label_names=LABELS, wave=wave,
+                          config=dataclasses.replace(cfg, cosine_epochs=15), split=split, progress=False)
+    assert warm.epochs == 15 and warm.emulator.metrics["warm_start"]
+    # the same label scaling as the first, so its weights mean the same
+    np.testing.assert_array_equal(warm.emulator.x_min, first.emulator.x_min)
+    # its first epoch is already about as good as the first emulator's end; a cold start
+    # of the same length is far worse
+    assert warm.history["test"][0] < 3 * first.emulator.metrics["best_test_loss"]
+    assert warm.emulator.metrics["best_test_loss"] < 0.5 * cold.emulator.metrics["best_test_loss"]
+    with pytest.raises(ValueError, match="warm start"):
+        train_emulator(lab, flux, ivar, label_names=LABELS, wave=wave, config=dataclasses.replace(cfg, hidden=16),
+                       init=first.emulator, progress=False)
+
+
+def test_unmodelled_pixels_predict_the_mean_spectrum():
+    """The network is trained on the modelled pixels only; elsewhere it returns the
+    training set's mean spectrum (zero weights), not what an untrained layer gives."""
+    lab = toy_labels(200, seed=5)
+    flux = toy_spectra(lab)
+    ivar = np.full_like(flux, 1e4)
+    r = train_emulator(lab, flux, ivar, label_names=LABELS, wave=mastar_wavelength(),
+                       config=TrainConfig(hidden=16, max_epochs=3, seed=7, edge_pixels=30), progress=False)
+    emu = r.emulator
+    out = ~emu.pixel_mask
+    assert out.sum() == 60
+    assert np.all(emu.weights["w2"][out] == 0)
+    pred = emu.predict(lab[:5])
+    np.testing.assert_allclose(pred[:, out], np.broadcast_to(flux[r.split["train"]].mean(0)[out], (5, 60)), atol=1e-5)
+
+
 def test_loss_weights():
     w = loss_weights(np.array([[0.0, 1e4, 1e12]]), 0.01)
     assert w[0, 0] == 0 and w[0, 1] == pytest.approx(0.5) and w[0, 2] == pytest.approx(1.0, rel=1e-6)

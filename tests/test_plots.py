@@ -112,3 +112,38 @@ def test_report_omits_alpha_panel_when_not_fitted():
 
     assert "did not fit [α/Fe]" in catalogue_text(False) and "[α/Fe]–[Fe/H] coloured" not in catalogue_text(False)
     assert "[α/Fe]–[Fe/H] coloured by Teff" in catalogue_text(True)
+
+
+def test_example_fit_captions_and_legend_sit_outside_the_spectra(tmp_path, monkeypatch):
+    """Each caption is its panel's title and the legend sits above the first panel, so
+    neither covers the spectrum (inside the frame they hid the absorption lines); every
+    block shows the same wavelength range, so the spectra line up."""
+    figs = []
+    real = plots.save_figure
+
+    def keep(fig, path, dpi=110):
+        fig.canvas.draw()
+        figs.append((fig, fig.canvas.get_renderer()))
+        return real(fig, path, dpi)
+
+    monkeypatch.setattr(plots, "save_figure", keep)
+    wave = np.geomspace(3622, 10354, 400)
+    model = np.tile(1 - 0.6 * np.exp(-0.5 * ((wave - 6564.6) / 30) ** 2), (3, 1))
+    flux = model + np.random.default_rng(2).normal(0, 0.01, model.shape)
+    ivar = np.full_like(flux, 1e4)
+    ivar[2, 250:] = 0  # one spectrum stops early (like MILES at 7500 Å)
+    captions = [f"star {i}: Teff {4000 + 1000 * i} K, log g 4.5" for i in range(3)]
+    plots.plot_example_fits(wave, flux, ivar, model, captions, tmp_path / "ex.png")
+    fig, renderer = figs[0]
+    tops = [ax for ax in fig.axes if ax.get_ylabel() == "norm. flux"]
+    assert [ax.get_title(loc="left") for ax in tops] == captions
+    frames = [ax.get_window_extent(renderer) for ax in fig.axes]
+    covering = [t for ax in fig.axes for t in ax.texts if t.get_text()]
+    assert not covering, [t.get_text() for t in covering]  # no text drawn inside a frame
+    legend = tops[0].get_legend().get_window_extent(renderer)
+    assert not any(legend.overlaps(f) for f in frames)
+    for ax in tops:
+        title = ax.title if ax.title.get_text() else ax._left_title
+        box = title.get_window_extent(renderer)
+        assert not any(box.overlaps(f) for f in frames), ax.get_title(loc="left")
+    assert len({tuple(np.round(ax.get_xlim(), 3)) for ax in fig.axes}) == 1

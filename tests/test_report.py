@@ -83,7 +83,7 @@ def test_write_report(tmp_path, figures):
     assert "MaStar VAC <demo>" in body  # shown as text, escaped in the source
     assert "two <b>not bold</b>" in body
     assert "LOGG <x> 0.01" in body
-    assert ("strong", {}) in doc.tags and ("code", {}) in doc.tags and ("pre", {}) in doc.tags
+    assert ("strong", {}) in doc.tags and ("code", {}) in doc.tags and ("pre", {"class": "table"}) in doc.tags
 
 
 def test_missing_figure_is_linked_with_a_warning(tmp_path, caplog):
@@ -103,12 +103,87 @@ def test_rewrite_replaces(tmp_path):
     ("# H1", "<h1>H1</h1>"),
     ("a *b* c_d_e **f**", "<p>a <em>b</em> c_d_e <strong>f</strong></p>"),
     ("`<x> **y**`", "<p><code>&lt;x&gt; **y**</code></p>"),
-    ("```\n<raw>\n```", "<pre><code>&lt;raw&gt;</code></pre>"),
+    ("```\n<raw>\n```", "<pre><code>&lt;raw&gt;\n</code></pre>"),
     ("[a](http://x.org/?a=1&b=2)", '<p><a href="http://x.org/?a=1&amp;b=2">a</a></p>'),
-    ("[a](data:text/html,evil)", "<p>a</p>"),
-    ('![a"b](fig.png)', '<p><img src="fig.png" alt="a&quot;b"></p>'),
+    ("[a](data:text/html,evil)", "<p><span>a</span></p>"),
+    ("![x](javascript:alert(1))", "<p><span>x</span></p>"),
+    ('![a"b](fig.png)', '<p><img alt="a&quot;b" src="fig.png"></p>'),
     ("1. x\n2. y", "<ol>\n<li>x</li>\n<li>y</li>\n</ol>"),
     ("<img src=x onerror=alert(1)>", "<p>&lt;img src=x onerror=alert(1)&gt;</p>"),
+    ("<div>\n<script>alert(1)</script>\n</div>", "<p>&lt;div&gt;\n&lt;script&gt;alert(1)&lt;/script&gt;\n&lt;/div&gt;</p>"),
 ])
-def test_markdown_subset(src, expect):
+def test_markdown(src, expect):
     assert markdown_to_html(src) == expect
+
+
+def test_markdown_headings_are_demoted_under_the_section():
+    assert markdown_to_html("# a\n\n## b", heading_offset=2) == "<h3>a</h3>\n<h4>b</h4>"
+
+
+def test_pipe_tables_render_as_html_tables(tmp_path):
+    """A Markdown table in a section's text is a real <table> in the HTML (and stays a
+    readable pipe table in report.md); no Markdown markup is left over in the page."""
+    text = ("**3** flags set:\n\n| bit | name | visits |\n|---:|---|---:|\n| 0 | CHI2_HIGH | 12 |\n"
+            "| 2 | AT_BOUND <b> | 16 |")
+    md, page = write_report(tmp_path, title="t", sections=[Section("Summary", text)])
+    source = page.read_text()
+    doc = _parse(source)
+    tags = [t for t, _ in doc.tags]
+    assert tags.count("table") == 1 and tags.count("tr") == 3 and tags.count("th") == 3
+    cells = [d.strip() for d in doc.text if d.strip()]
+    assert "CHI2_HIGH" in cells and "AT_BOUND <b>" in cells  # escaped, shown as text
+    body = source[source.index("<body>"):]
+    assert "|---" not in body and "**" not in body and "---:" not in body
+    assert "| 0 | CHI2_HIGH | 12 |" in md.read_text()
+
+
+def test_flag_table_is_a_real_table(tmp_path):
+    """The Summary's FLAG table is a Markdown table: an HTML <table>, one row per bit,
+    the counts right-aligned, a '|' in a description escaped rather than splitting a cell."""
+    from mastar_vac.report_build import flag_table
+
+    bits = [(0, "CHI2_HIGH", "reduced chi2 > 100; VALID=0"), (4, "LOW_SNR", "S/N < 15 | unknown")]
+    text = flag_table(bits, {"CHI2_HIGH": 1234})
+    _, page = write_report(tmp_path, title="t", sections=[Section("Summary", text)])
+    source = page.read_text()
+    doc = _parse(source)
+    rows = [a for t, a in doc.tags if t == "tr"]
+    assert len(rows) == 3
+    tds = [a for t, a in doc.tags if t == "td"]
+    assert len(tds) == 8 and tds[2].get("style") == "text-align: right;"
+    body = "".join(doc.text)
+    assert "1,234" in body and "S/N < 15 | unknown" in body and "|---" not in source
+
+
+def test_preformatted_tables_wrap_long_title_lines(tmp_path):
+    """A column-aligned table stays in <pre> (alignment kept), with a class whose CSS wraps a
+    line too long for the page (a long file path in a title line ran off the page)."""
+    _, page = write_report(tmp_path, title="t", sections=[Section("A", tables=["x" * 300 + "\na  b\n1  2"])])
+    source = page.read_text()
+    assert '<pre class="table">' in source
+    css = source[source.index("<style>"):source.index("</style>")]
+    assert "pre.table { white-space: pre-wrap" in css
+
+
+def test_comparison_figures_are_found_in_their_folder_with_captions(tmp_path, monkeypatch):
+    """The compare stage records its figures relative to the build's working directory;
+    the report finds them in the compare folder whatever directory it is rebuilt from,
+    and gives each a caption (not the file name)."""
+    from mastar_vac.report_build import comparison_figures
+
+    out = tmp_path / "run" / "output" / "demo" / "compare"
+    out.mkdir(parents=True)
+    for name in ("compare_published.png", "cmd_by_label.png"):
+        (out / name).write_bytes(b"\x89PNG\r\n\x1a\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # not the directory the build ran in
+    figs = comparison_figures(out, ["output/demo/compare/compare_published.png", "output/demo/compare/cmd_by_label.png"])
+    assert [p for p, _ in figs] == [out / "compare_published.png", out / "cmd_by_label.png"]
+    assert all(p.is_file() for p, _ in figs)
+    assert "VAC vs PUBLISHED" in figs[0][1] and "colour–magnitude" in figs[1][1]
+    _, page = write_report(tmp_path / "run" / "output" / "demo" / "report", title="t",
+                           sections=[Section("Comparisons", figures=figs)])
+    doc = _parse(page.read_text())
+    assert [a["src"] for t, a in doc.tags if t == "img"] == ["../compare/compare_published.png",
+                                                            "../compare/cmd_by_label.png"]

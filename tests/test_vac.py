@@ -85,11 +85,14 @@ PROVENANCE = {
 
 
 def _strict_open(path: Path) -> fits.HDUList:
-    """Open and verify with warnings as errors (a header astropy would 'fix' is not valid)."""
+    """Open and verify with warnings as errors (a header astropy would 'fix' is not valid;
+    a missing or wrong CHECKSUM/DATASUM warns, so it fails here too)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        hdul = fits.open(path)
+        hdul = fits.open(path, checksum=True)
         hdul.verify("exception")
+    for hdu in hdul:
+        assert "CHECKSUM" in hdu.header and "DATASUM" in hdu.header, hdu.name
     return hdul
 
 
@@ -189,6 +192,32 @@ def test_fits_config_as_json_string_and_astropy_table(tmp_path):
     t = Table.read(p, hdu=VAC_EXTNAME)
     assert t["TEFF"].unit == "K" and t.meta["FITLABEL"] == "TEFF,LOGG,FEH,ALPHA,VMICRO"
     assert_same_values(read_vac_fits(p), df)
+
+
+@pytest.mark.parametrize("name", ["vac.fits", "vac.fits.gz"])
+def test_fits_checksums_catch_damage_and_bytes_are_reproducible(tmp_path, name):
+    df = make_vac_frame(12)
+    prov = dict(PROVENANCE, date="2026-01-01T00:00:00")
+    kw = dict(provenance=prov, flag_bits=FLAG_BITS, fitted_labels=["TEFF", "LOGG", "FE_H"])
+    a = write_vac_fits(tmp_path / "a" / name, df, **kw)
+    b = write_vac_fits(tmp_path / "b" / name, df, **kw)
+    # the checksum cards are stamped with the file's DATE, not the clock: same input, same bytes
+    assert a.read_bytes() == b.read_bytes()
+    with _strict_open(a) as hdul:
+        assert hdul[1].header["DATASUM"] != "0"
+    if name.endswith(".gz"):
+        return
+    raw = bytearray(a.read_bytes())
+    with fits.open(a) as hdul:
+        offset = hdul[1].fileinfo()["datLoc"]
+    raw[offset + 30] ^= 0x01  # one bit of one row flipped
+    a.write_bytes(bytes(raw))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with fits.open(a, checksum=True) as hdul:
+            hdul[1].data  # noqa: B018 - reading is what checks the data sum
+    assert any("Checksum verification failed" in str(w.message) or "Datasum verification failed" in str(w.message)
+               for w in caught), [str(w.message) for w in caught]
 
 
 def test_fits_empty_and_all_nan(tmp_path):

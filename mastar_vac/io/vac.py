@@ -32,6 +32,10 @@ FITS (:func:`write_vac_fits`)
     interpret the columns (FITLABEL, FLAGBITn, PKGVERS, EMUHASH), because
     ``Table.read`` and most viewers only show the table's header.
 
+    The file is written by ``astropy.io.fits`` (the whole table is in memory anyway: a
+    VAC is one small row per visit). Every HDU carries CHECKSUM and DATASUM, stamped with
+    DATE rather than the clock, so the same catalogue and provenance give the same bytes.
+
 Parquet (:func:`write_vac_parquet`)
     A directory of Parquet files. By default the rows are cut, in the caller's order, into
     files of at most ``rows_per_file`` rows (``part-00000.parquet``, …; row groups of at
@@ -54,6 +58,7 @@ Both writers are atomic: the file or directory appears under its name only when 
 from __future__ import annotations
 
 import datetime as _dt
+import gzip
 import json
 import logging
 import math
@@ -69,8 +74,9 @@ from astropy.io import fits
 
 from .. import __version__
 from ..catalog import LABEL_TO_VAC, VAC_COLUMNS, VAC_KEY, VacColumn
-from .atomic import atomic_dir
-from .fitstable import FitsWriter, list_hdus, read_table
+from ..errors import OutputError
+from .atomic import atomic_dir, atomic_path
+from .fitstable import list_hdus, read_table
 
 __all__ = [
     "VAC_EXTNAME",
@@ -297,37 +303,26 @@ def _utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
 
 
-class _Cards:
-    """An ordered list of header cards that :class:`FitsWriter` accepts as its header mapping.
+def _put(header: fits.Header, key: str, value: Any, comment: str | None = None) -> None:
+    """Set one card (append for COMMENT/HISTORY), in printable ASCII.
 
-    A plain dict cannot hold repeated COMMENT cards nor keep comments on the values;
-    FitsWriter only calls ``.items()`` and assigns ``header[key] = value``, which appends
-    for COMMENT/HISTORY and takes ``(value, comment)`` tuples for the rest.
+    A comment is cut to the room the 80-character card leaves, because astropy would cut
+    it anyway with a warning per card; the full text is kept elsewhere (FLAGBITn
+    descriptions in COMMENT cards, column descriptions in the Parquet schema).
     """
-
-    def __init__(self) -> None:
-        self._cards: list[tuple[str, Any]] = []
-
-    def add(self, key: str, value: Any, comment: str | None = None) -> None:
-        if isinstance(value, str):
-            value = _ascii(value)
-        if key in ("COMMENT", "HISTORY"):
-            self._cards.append((key, value))
-            return
-        if comment:
-            comment = _ascii(comment)
-            if not (isinstance(value, str) and len(value) > 68):  # long strings carry any comment
-                # the value field ends at column 30 at least; " / " and the comment fill the rest
-                image = fits.Card(key, value).image.rstrip()
-                room = 80 - max(len(image), 30) - 3
-                comment = comment[:room] if room >= 8 else None
-        self._cards.append((key, (value, comment) if comment else value))
-
-    def items(self) -> list[tuple[str, Any]]:
-        return list(self._cards)
-
-    def keys(self) -> list[str]:
-        return [k for k, _ in self._cards]
+    if isinstance(value, str):
+        value = _ascii(value)
+    if key in ("COMMENT", "HISTORY"):
+        header[key] = value
+        return
+    if comment:
+        comment = _ascii(comment)
+        if not (isinstance(value, str) and len(value) > 68):  # long strings carry any comment
+            # the value field ends at column 30 at least; " / " and the comment fill the rest
+            image = fits.Card(key, value).image.rstrip()
+            room = 80 - max(len(image), 30) - 3
+            comment = comment[:room] if room >= 8 else None
+    header[key] = (value, comment) if comment else value
 
 
 def _lsf_mode(provenance: Mapping[str, Any]) -> str:
@@ -339,31 +334,31 @@ def _lsf_mode(provenance: Mapping[str, Any]) -> str:
 
 
 def _provenance_cards(provenance: Mapping[str, Any], stems: Sequence[str], bits: Sequence[FlagBit],
-                      *, full: bool) -> _Cards:
+                      *, full: bool) -> fits.Header:
     """Header cards for the provenance; ``full`` adds CONFIG/PROVJSON/INPUTn (primary HDU)."""
-    cards = _Cards()
+    cards = fits.Header()
     version = str(provenance.get("package_version", provenance.get("version", __version__)))
-    cards.add("PIPELINE", "mastar_vac", "software that made this file")
-    cards.add("PKGVERS", version, "mastar_vac version")
+    _put(cards, "PIPELINE", "mastar_vac", "software that made this file")
+    _put(cards, "PKGVERS", version, "mastar_vac version")
     if full:
-        cards.add("REFERENC", REFERENCE, "method")
-        cards.add("DATE", str(provenance.get("date", _utc_now())), "file written (UTC)")
-    cards.add("FITLABEL", ",".join(stems), "fitted labels (VAC column stems)")
-    cards.add("NFITLAB", len(stems), "number of fitted labels")
-    cards.add("LSFMODE", _lsf_mode(provenance), "[fit] lsf: visit LSF forward-modelled or ignored")
+        _put(cards, "REFERENC", REFERENCE, "method")
+        _put(cards, "DATE", str(provenance.get("date", _utc_now())), "file written (UTC)")
+    _put(cards, "FITLABEL", ",".join(stems), "fitted labels (VAC column stems)")
+    _put(cards, "NFITLAB", len(stems), "number of fitted labels")
+    _put(cards, "LSFMODE", _lsf_mode(provenance), "[fit] lsf: visit LSF forward-modelled or ignored")
     if "emulator_hash" in provenance:
-        cards.add("EMUHASH", str(provenance["emulator_hash"]), "hash of the emulator artefact")
+        _put(cards, "EMUHASH", str(provenance["emulator_hash"]), "hash of the emulator artefact")
     for bit, name, description in bits:
-        cards.add(f"FLAGBIT{bit}", name, description)
+        _put(cards, f"FLAGBIT{bit}", name, description)
     if not full:
         return cards
     for bit, name, description in bits:
-        cards.add("COMMENT", f"FLAG bit {bit} (value {1 << bit}) {name}: {description}")
+        _put(cards, "COMMENT", f"FLAG bit {bit} (value {1 << bit}) {name}: {description}")
     inputs = _input_names(provenance)
     if inputs:
-        cards.add("NINPUT", len(inputs), "number of input files")
+        _put(cards, "NINPUT", len(inputs), "number of input files")
     for i, (role, path) in enumerate(inputs, 1):
-        cards.add(f"INPUT{i}", Path(path).name, role or "input file")
+        _put(cards, f"INPUT{i}", Path(path).name, role or "input file")
     used = set(cards.keys())
     for key, value in provenance.items():
         low = key.lower()
@@ -374,16 +369,16 @@ def _provenance_cards(provenance: Mapping[str, Any], stems: Sequence[str], bits:
             value = value.item()
         scalar = isinstance(value, (str, int, bool)) or (isinstance(value, float) and math.isfinite(value))
         if _KEYWORD_RE.match(kw) and not _RESERVED.match(kw) and kw not in used and scalar:
-            cards.add(kw, value)
+            _put(cards, kw, value)
             used.add(kw)
         else:
-            cards.add("HISTORY", f"{key} = {value if isinstance(value, str) else _compact_json(value)}")
-    cards.add("LONGSTRN", "OGIP 1.0", "CONTINUE long-string convention used")
+            _put(cards, "HISTORY", f"{key} = {value if isinstance(value, str) else _compact_json(value)}")
+    _put(cards, "LONGSTRN", "OGIP 1.0", "CONTINUE long-string convention used")
     config = next((provenance[k] for k in provenance if k.lower() in _CONFIG_KEYS), None)
     if config is not None:
-        cards.add("CONFIG", _compact_json(_config_value(config)), "run configuration, compact JSON")
+        _put(cards, "CONFIG", _compact_json(_config_value(config)), "run configuration, compact JSON")
     rest = {k: v for k, v in provenance.items() if k.lower() not in _CONFIG_KEYS}
-    cards.add("PROVJSON", _compact_json(rest), "provenance, compact JSON")
+    _put(cards, "PROVJSON", _compact_json(rest), "provenance, compact JSON")
     return cards
 
 
@@ -396,8 +391,7 @@ def write_vac_fits(path: str | os.PathLike[str], df: pd.DataFrame, *,
                    flag_bits: Sequence[Sequence[Any]],
                    fitted_labels: Sequence[str],
                    extra_header: Mapping[str, Any] | None = None,
-                   extname: str = VAC_EXTNAME,
-                   block_rows: int = 100_000) -> Path:
+                   extname: str = VAC_EXTNAME) -> Path:
     """Write the VAC as an SDSS-style FITS file (``.fits`` or ``.fits.gz``), atomically.
 
     Parameters
@@ -420,8 +414,9 @@ def write_vac_fits(path: str | os.PathLike[str], df: pd.DataFrame, *,
         The labels this run fitted (internal names like ``FE_H`` or VAC stems like ``FEH``).
     extra_header
         More primary-header cards (``key: value`` or ``key: (value, comment)``).
-    block_rows
-        Rows converted and written per block (memory bound for very large frames).
+
+    Every HDU carries CHECKSUM and DATASUM cards, so a damaged copy is detected
+    (``astropy.io.fits.open(path, checksum=True)``, CFITSIO ``fitsverify``).
     """
     stems = _fitted_stems(fitted_labels)
     bits = _check_flag_bits(flag_bits)
@@ -434,29 +429,60 @@ def write_vac_fits(path: str | os.PathLike[str], df: pd.DataFrame, *,
         if _RESERVED.match(str(key).upper()) and str(key).upper() not in ("COMMENT", "HISTORY"):
             raise ValueError(f"extra_header may not set the reserved keyword {key}")
         if isinstance(value, tuple):
-            primary.add(str(key).upper(), value[0], value[1] if len(value) > 1 else None)
+            _put(primary, str(key).upper(), value[0], value[1] if len(value) > 1 else None)
         else:
-            primary.add(str(key).upper(), value)
+            _put(primary, str(key).upper(), value)
     table_cards = _provenance_cards(provenance, stems, bits, full=False)
     # TTYPE comments hold 47 characters: the full text of longer descriptions goes in COMMENTs
     for col in VAC_COLUMNS:
         if len(col.description) > 47:
-            table_cards.add("COMMENT", f"{col.name}: {col.description}")
+            _put(table_cards, "COMMENT", f"{col.name}: {col.description}")
 
-    units = {c.name: c.unit for c in VAC_COLUMNS if c.unit}
-    descriptions = {c.name: _ascii(c.description) for c in VAC_COLUMNS}
-    schema = {c.name: (np.dtype(c.dtype), ()) for c in VAC_COLUMNS}
-    widths = {c.name: _string_width(c) for c in VAC_COLUMNS if c.dtype.startswith("U")}
+    columns = [fits.Column(name=c.name, format=_fits_format(c), unit=c.unit or None, array=arrays[c.name])
+               for c in VAC_COLUMNS]
+    table = fits.BinTableHDU.from_columns(columns, name=extname)
+    for i, col in enumerate(VAC_COLUMNS, 1):
+        table.header.comments[f"TTYPE{i}"] = _ascii(col.description)[:47]
+    table.header.extend(table_cards)
+    hdul = fits.HDUList([fits.PrimaryHDU(header=primary), table])
+    # checksums stamped with the file's DATE, not the wall clock: the same catalogue written
+    # with the same provenance is the same bytes
+    for hdu in hdul:
+        hdu.add_checksum(when=f"as written {primary['DATE']}")
     path = Path(path)
-    with FitsWriter(path, primary_header=primary) as writer:  # type: ignore[arg-type]
-        with writer.begin_table(schema, nrows, extname=extname, units=units, descriptions=descriptions,
-                                header=table_cards, string_widths=widths) as table:  # type: ignore[arg-type]
-            for start in range(0, nrows, max(1, block_rows)):
-                stop = min(nrows, start + block_rows)
-                table.write({k: v[start:stop] for k, v in arrays.items()})
+    _write_atomically(hdul, path)
     log.info("wrote %s: %d visits, %d columns, HDU %s, fitted %s", path, nrows, len(VAC_COLUMNS), extname,
              ",".join(stems) or "-")
     return path
+
+
+_FITS_FORMATS = {"i2": "I", "i4": "J", "i8": "K", "f4": "E", "f8": "D"}
+
+
+def _fits_format(col: VacColumn) -> str:
+    """TFORM of a VAC column: strings at the VAC width (not the longest value), so every
+    release has the same layout."""
+    if col.dtype.startswith("U"):
+        return f"{_string_width(col)}A"
+    return _FITS_FORMATS[np.dtype(col.dtype).str[1:]]
+
+
+def _write_atomically(hdul: fits.HDUList, path: Path) -> None:
+    """Write ``hdul`` (gzip when the name ends in ``.gz``) with checksums; the file appears
+    under its name only when complete and flushed to disk."""
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as raw:
+            if path.name.endswith(".gz"):
+                # mtime=0 and the final name in the gzip header: same content, same bytes
+                with gzip.GzipFile(filename=path.name.removesuffix(".gz"), fileobj=raw, mode="wb",
+                                   compresslevel=4, mtime=0) as gz:
+                    hdul.writeto(gz)
+            else:
+                hdul.writeto(raw)
+            raw.flush()
+            os.fsync(raw.fileno())
+    except OSError as exc:
+        raise OutputError(f"{path}: write failed ({exc.strerror or exc})") from exc
 
 
 def _vac_frame(columns: Mapping[str, np.ndarray]) -> pd.DataFrame:
