@@ -649,8 +649,9 @@ def _order_starts(net: _TorchNet, emu: Emulator, flux: NDArray, w: NDArray, S: N
         x = np.clip(emu.scale(S[ib].reshape(-1, L)), lo, hi)
         with torch.no_grad():
             m = net.model(torch.as_tensor(x, dtype=dtype, device=cfg.device))
-            if kern is not None:
-                m = _Band.from_kernels(kern.rows(np.repeat(ib, K)), 1, cfg.device, dtype).apply(m)
+            if kern is not None:  # the starts of a spectrum as channels of its one operator
+                band = _Band.from_kernels(kern.rows(ib), 1, cfg.device, dtype)
+                m = band.apply(m.reshape(len(ib), K, -1)).reshape(len(ib) * K, -1)
             m = m.double().cpu().numpy()
         r = np.repeat(flux[ib], K, axis=0) - m
         c = (np.repeat(w[ib], K, axis=0) * r * r).sum(1).reshape(len(ib), K)
@@ -850,9 +851,14 @@ class _Band:
         return _Band(self.weights * s[:, None, :], self.offsets, self.rel, self.reach)
 
     def chunk_rows(self, C: int, device: Any) -> int:
-        """Rows per chunk: the whole batch on a GPU, ~0.5 MB of block on the CPU."""
+        """Rows per chunk: the whole batch on a GPU, ~0.5 MB of block per torch thread on
+        the CPU (each op of the chunk is split over the threads)."""
+        import torch
+
         B, _, S = self.weights.shape
-        return max(B, 1) if device.type != "cpu" else max(1, (1 << 17) // max(C * S, 1))
+        if device.type != "cpu":
+            return max(B, 1)
+        return max(1, (torch.get_num_threads() << 17) // max(C * S, 1))
 
     def to_span(self, xc: Any) -> Any:
         """(C, B, P) on the modelled pixels → (C, B, S) on their span (zeros between)."""
