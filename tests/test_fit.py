@@ -46,6 +46,27 @@ def test_agrees_with_curve_fit_from_the_same_start():
         np.testing.assert_allclose(res.errors[i], err, rtol=0.02)
 
 
+def test_staged_starts_reach_the_minimum_of_all_starts_with_fewer_iterations():
+    emu = toy_emulator()
+    truth = toy_labels(150, seed=13)
+    f, iv = _noisy(emu, truth, seed=4)
+    every = fit_spectra(emu, f, iv, config=FitConfig(emulator_error=False, n_grid_starts=3, starts="all"))
+    staged = fit_spectra(emu, f, iv, config=FitConfig(emulator_error=False, n_grid_starts=3, starts="staged"))
+    assert staged.n_iter.mean() < 0.6 * every.n_iter.mean()
+    assert np.mean(staged.chi2 > every.chi2 + 1.0) < 0.02
+    # the first stage takes each spectrum's start with the lowest χ² at its start point:
+    # a far-off start given first (column 0) is passed over for the grid's
+    bad = np.column_stack([np.full(len(truth), 8800.0), np.full(len(truth), 1.2), np.full(len(truth), 0.4)])
+    r = fit_spectra(emu, f, iv, starts=bad, config=FitConfig(emulator_error=False, n_grid_starts=1))
+    assert np.mean(r.start_index == 1) > 0.9
+    # every spectrum unsettled (threshold 0): all starts run, as with "all"
+    forced = fit_spectra(emu, f, iv, config=FitConfig(emulator_error=False, n_grid_starts=3, staged_min_iter=0))
+    np.testing.assert_allclose(forced.chi2, every.chi2, rtol=1e-6)
+    np.testing.assert_array_equal(forced.n_iter, every.n_iter)
+    with pytest.raises(ValueError, match="fit.starts"):
+        FitConfig(starts="best")
+
+
 def test_bounds_hold_and_are_reported():
     emu = toy_emulator()
     truth = np.array([[6000.0, 3.0, -0.5]])
