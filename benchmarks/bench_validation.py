@@ -158,17 +158,22 @@ def main() -> None:
         return 100 * sum(a[b][key] * a[b]["n_pixels"] for a in accs if a[b]["n_pixels"]) / max(n, 1)
 
     bins = ["all", *(name for _, _, name in TEFF_BINS)]
+
+    def print_bins(accs: list[dict]) -> None:
+        for b in bins:
+            if not sum(a[b]["n_pixels"] for a in accs):  # e.g. no synthetic spectra below 8000 K
+                print(f"  {b:<12} no spectra")
+                continue
+            print(f"  {b:<12} within 2%: {pooled(accs, b, 'within_2pct'):5.1f}%   "
+                  f"within 4%: {pooled(accs, b, 'within_4pct'):5.1f}%")
+
     for lib, accs in accuracy.items():
         print(f"\nFigure 5, real {lib} spectra of the held-out stars at MaStar resolution (no simulated noise), "
               f"every star held out once ({sum(a['all']['n_pixels'] for a in accs)} pixels):")
-        for b in bins:
-            print(f"  {b:<12} within 2%: {pooled(accs, b, 'within_2pct'):5.1f}%   "
-                  f"within 4%: {pooled(accs, b, 'within_4pct'):5.1f}%")
+        print_bins(accs)
     if accuracy_synth:
         print("Figure 5, synthetic spectra (each fold's synthetic test spectra; never pooled with the real ones):")
-        for b in bins:
-            print(f"  {b:<12} within 2%: {pooled(accuracy_synth, b, 'within_2pct'):5.1f}%   "
-                  f"within 4%: {pooled(accuracy_synth, b, 'within_4pct'):5.1f}%")
+        print_bins(accuracy_synth)
     print("\nspread over folds (min–max of the per-fold value):")
     for lib, accs in accuracy.items():
         f2 = [100 * a["all"]["within_2pct"] for a in accs if a["all"]["n_pixels"]]
