@@ -237,11 +237,13 @@ class _TorchNet:
         return h2 @ self.W2.T + self.b2
 
     def model_jac(self, x: Any) -> tuple[Any, Any]:
-        """Model (B, P) and Jacobian (B, L, P) w.r.t. the scaled labels, from one GEMM."""
-        out = self.model_jac_block(x)
-        return out[:, 0, :], out[:, 1:, :]
+        """Model (B, P) and Jacobian (B, L, P) w.r.t. the scaled labels, from one GEMM
+        (:meth:`model_jac_block`); the model is returned as its own contiguous tensor —
+        as a strided view into the block, the χ² products downstream ran ~30% slower."""
+        out = self.model_jac_block(x, add_bias=False)
+        return out[:, 0, :] + self.b2, out[:, 1:, :]
 
-    def model_jac_block(self, x: Any, channels_first: bool = False) -> Any:
+    def model_jac_block(self, x: Any, channels_first: bool = False, add_bias: bool = True) -> Any:
         """Model and Jacobian as one (B, 1+L, P) block: row 0 the model, rows 1… ∂/∂x;
         with ``channels_first`` as (1+L, B, P) (what the LSF operator reads, :class:`_Band`).
 
@@ -263,7 +265,8 @@ class _TorchNet:
             return out
         Zt = torch.cat([h2[:, None, :], Mt], dim=1).reshape(B * (1 + self.L), self.H)
         out = (Zt @ self.W2T).reshape(B, 1 + self.L, self.P)  # (B, 1+L, P)
-        out[:, 0, :] += self.b2
+        if add_bias:
+            out[:, 0, :] += self.b2
         return out
 
     def normal_equations(self, x: Any, f: Any, w: Any) -> tuple[Any, Any, Any]:
