@@ -45,6 +45,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -304,7 +305,9 @@ def _allstar(rng: np.random.Generator, labels: np.ndarray, ra: np.ndarray, dec: 
 _INPUT_LINE = re.compile(r'^(goodspec|mastarall|allstar|gaia_xmatch)\s*=.*$', re.M)
 STAGE_START = re.compile(r"mastar_vac\.build: stage (.+?) \.\.\.\s*$")
 STAGE_END = re.compile(r"mastar_vac\.build: stage (.+?) (ran|reused) in ([0-9.]+)s")
-TRAIN_CAP = re.compile(r"training stopped at the ([0-9.]+)-minute cap")
+TRAIN_CAP = re.compile(r"training stopped at the ([0-9.]+)-minute cap \(epoch (\d+)\)")
+# the two ways a training ends without the cap: early stopping, or the last epoch
+TRAIN_END = re.compile(r"mastar_vac\.emulator: (early stop at epoch \d+|\d+ epochs) \(best test loss [^)]*\)")
 
 
 def write_config(inputs: DR17Inputs, path: Path, outdir: Path) -> Path:
@@ -330,7 +333,25 @@ class StageTime:
     worker_rss: int = 0
 
 
-def run_build(cfg: Path, outdir: Path, logfile: Path) -> tuple[int, float, list[StageTime], ProcessTreeRSS, list[str]]:
+def _stop_group(proc: subprocess.Popen) -> None:
+    """End the build and its Dask workers together (it runs in a session of its own)."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def run_build(cfg: Path, outdir: Path, logfile: Path, *, timeout_s: float | None = None
+              ) -> tuple[int, float, list[StageTime], ProcessTreeRSS, list[str]]:
     """Run the build in a subprocess, following its log; return (exit code, wall s,
     stages, the RSS sampler, notes such as the training cap)."""
     cmd = [sys.executable, "-m", "mastar_vac.build", "--config", str(cfg), "--output", str(outdir), "--no-progress"]
@@ -341,29 +362,65 @@ def run_build(cfg: Path, outdir: Path, logfile: Path) -> tuple[int, float, list[
     t0 = time.perf_counter()
     with open(logfile, "w", buffering=1) as fh:  # line-buffered: follow it with tail -f
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                cwd=outdir.parent, bufsize=1)
+                                cwd=outdir.parent, bufsize=1, start_new_session=True)
+        timer = None
+        if timeout_s:  # a run past the time available is stopped, and what it did is still reported
+            def expire() -> None:
+                notes.append(f"STOPPED by --timeout after {timeout_s / 60:.1f} min, during stage {rss.phase!r} "
+                             f"(running {time.perf_counter() - phase_t0[0]:.0f} s)")
+                _stop_group(proc)
+
+            timer = threading.Timer(timeout_s, expire)
+            timer.daemon = True
+        phase_t0 = [t0]
         with ProcessTreeRSS(proc.pid, interval=0.2) as rss:
             assert proc.stdout is not None
-            for line in proc.stdout:
-                fh.write(line)
-                if m := STAGE_START.search(line):
-                    rss.phase = m.group(1)
-                    log.info("stage %s ... (%.0f s)", m.group(1), time.perf_counter() - t0)
-                elif m := STAGE_END.search(line):
-                    stages.append(StageTime(m.group(1), m.group(2), float(m.group(3))))
-                    log.info("stage %s %s in %s s", m.group(1), m.group(2), m.group(3))
-                    rss.phase = "between stages"
-                elif m := TRAIN_CAP.search(line):
-                    notes.append(f"emulator training hit the {m.group(1)}-minute cap ([emulator] max_minutes)")
-                elif " ERROR " in line or "Traceback" in line:
-                    log.warning("build: %s", line.rstrip())
+            if timer is not None:
+                timer.start()
+            try:
+                lines = iter(proc.stdout)
+                for line in lines:
+                    _follow(line, fh, rss, stages, notes, t0, phase_t0)
+            except KeyboardInterrupt:
+                notes.append(f"INTERRUPTED during stage {rss.phase!r}")
+                _stop_group(proc)
+            finally:
+                if timer is not None:
+                    timer.cancel()
             rc = proc.wait()
             rss.sample()
     wall = time.perf_counter() - t0
     for st in stages:
         per = rss.phase_peaks.get(st.name, {})
         st.build_rss, st.worker_rss = per.get("build", 0), per.get("worker", 0)
+    if rss.phase not in ("between stages", "start") and not any(st.name == rss.phase for st in stages):
+        per = rss.phase_peaks.get(rss.phase, {})  # the stage the build was in when it ended
+        stages.append(StageTime(rss.phase, "UNFINISHED", time.perf_counter() - phase_t0[0], per.get("build", 0),
+                                per.get("worker", 0)))
     return rc, wall, stages, rss, notes
+
+
+def _follow(line: str, fh, rss: ProcessTreeRSS, stages: list[StageTime], notes: list[str],  # noqa: ANN001
+            t0: float, phase_t0: list[float]) -> None:
+    """One line of the build's log: kept, and stage starts/ends and training notes picked out."""
+    fh.write(line)
+    if m := STAGE_START.search(line):
+        rss.phase = m.group(1)
+        phase_t0[0] = time.perf_counter()
+        log.info("stage %s ... (%.0f s)", m.group(1), time.perf_counter() - t0)
+    elif m := STAGE_END.search(line):
+        stages.append(StageTime(m.group(1), m.group(2), float(m.group(3))))
+        log.info("stage %s %s in %s s", m.group(1), m.group(2), m.group(3))
+        rss.phase = "between stages"
+    elif m := TRAIN_CAP.search(line):
+        notes.append(f"emulator training hit the {m.group(1)}-minute cap ([emulator] max_minutes) at epoch "
+                     f"{m.group(2)}")
+        log.info("%s", notes[-1])
+    elif m := TRAIN_END.search(line):  # one line per training (two: outlier search, then the clean set)
+        notes.append(f"emulator training: {m.group(0)[len('mastar_vac.emulator: '):]}")
+        log.info("%s", notes[-1])
+    elif " ERROR " in line or "Traceback" in line:
+        log.warning("build: %s", line.rstrip())
 
 
 def _gb(b: int) -> str:
@@ -376,11 +433,11 @@ def report(inputs: DR17Inputs, rc: int, wall: float, stages: list[StageTime], rs
              f"{inputs.n_ref:,} reference stars with 5 labels; {os.cpu_count()} cores",
              f"input files {'reused from' if inputs.reused else 'generated into'} {inputs.root} "
              f"(generation {inputs.gen_seconds:.0f} s, not part of the pipeline time)", "",
-             f"{'stage':<12} {'status':<7} {'wall [s]':>9}  {'build RSS [GB]':>14}  {'max worker RSS [GB]':>19}",
-             "-" * 68]
+             f"{'stage':<12} {'status':<10} {'wall [s]':>9}  {'build RSS [GB]':>14}  {'max worker RSS [GB]':>19}",
+             "-" * 71]
     for s in stages:
-        lines.append(f"{s.name:<12} {s.status:<7} {s.seconds:9.1f}  {_gb(s.build_rss):>14}  {_gb(s.worker_rss):>19}")
-    lines.append("-" * 68)
+        lines.append(f"{s.name:<12} {s.status:<10} {s.seconds:9.1f}  {_gb(s.build_rss):>14}  {_gb(s.worker_rss):>19}")
+    lines.append("-" * 71)
     lines.append(f"{'sum of stages':<20} {sum(s.seconds for s in stages):9.1f}")
     lines.append(f"{'build, wall':<20} {wall:9.1f}   (process start, imports and cluster start-up included)")
     lines.append("")
@@ -396,8 +453,11 @@ def report(inputs: DR17Inputs, rc: int, wall: float, stages: list[StageTime], rs
     lines.append("")
     ok_t = rc == 0 and wall <= TARGET_MINUTES * 60
     ok_m = worst <= TARGET_RSS_GB * 1e9
+    stopped = any(n.startswith(("STOPPED", "INTERRUPTED")) for n in notes)
+    why = "" if rc == 0 else ("; stopped before the end: at least this long" if stopped
+                              else f"; the build FAILED with exit code {rc}")
     lines.append(f"target ≤ {TARGET_MINUTES:.0f} min end to end: {'met' if ok_t else 'MISSED'} "
-                 f"({wall / 60:.1f} min{'' if rc == 0 else f'; the build FAILED with exit code {rc}'})")
+                 f"({wall / 60:.1f} min{why})")
     lines.append(f"target ≤ {TARGET_RSS_GB:.0f} GB per process: {'met' if ok_m else 'MISSED'} "
                  f"(largest {worst / 1e9:.2f} GB)")
     lines += [f"note: {n}" for n in notes]
@@ -415,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=None, help=f"input files cache (default {default_cache()})")
     ap.add_argument("--workdir", type=Path, default=None, help="where the build writes (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the build's outputs")
+    ap.add_argument("--timeout", type=float, default=None,
+                    help="stop the build after this many minutes and report what it did")
     ap.add_argument("--generate-only", action="store_true", help="write the input files and stop")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -431,11 +493,12 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir()
     try:
         cfg = write_config(inputs, work / "bench_dr17.toml", out)
-        rc, wall, stages, rss, notes = run_build(cfg, out, work / "build.log")
-        print(report(inputs, rc, wall, stages, rss, notes), flush=True)
-        if rc != 0:
-            print(f"build log: {work / 'build.log'}\n" + (work / "build.log").read_text()[-3000:])
+        rc, wall, stages, rss, notes = run_build(cfg, out, work / "build.log",
+                                                 timeout_s=args.timeout * 60 if args.timeout else None)
+        if rc != 0:  # the log's end first, so that the results table stays the last thing printed
+            print(f"--- end of the build log {work / 'build.log'}:\n" + (work / "build.log").read_text()[-3000:])
             args.keep = True
+        print(report(inputs, rc, wall, stages, rss, notes), flush=True)
     finally:
         if not args.keep and args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -93,6 +93,14 @@ def test_log_parsing_matches_the_build() -> None:
     assert bench_dr17.STAGE_START.search(line("stage %s ...", "ingest")).group(1) == "ingest"
     m = bench_dr17.STAGE_END.search(line("stage %s %s in %.1fs: %s", "fit", "ran", 123.45, "59266 visits"))
     assert m.groups() == ("fit", "ran", "123.5")
+    emu = logging.getLogger("mastar_vac.emulator")  # the messages of mastar_vac.emulator.train_emulator
+    for msg, args in (("early stop at epoch %d (best test loss %.3g at epoch %d)", (461, 1.49e-4, 261)),
+                      ("%d epochs (best test loss %.3g at epoch %d)", (3000, 1.49e-4, 2990))):
+        rec = logging.LogRecord(emu.name, logging.INFO, __file__, 0, msg, args, None)
+        assert bench_dr17.TRAIN_END.search(fmt.format(rec))
+    cap = logging.LogRecord(emu.name, logging.WARNING, __file__, 0,
+                            "training stopped at the %.1f-minute cap (epoch %d)", (9.0, 812), None)
+    assert bench_dr17.TRAIN_CAP.search(fmt.format(cap)).groups() == ("9.0", "812")
 
 
 def test_rss_sampler_sees_this_process() -> None:
