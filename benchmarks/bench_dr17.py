@@ -3,6 +3,7 @@
     python -m benchmarks.bench_dr17                          # 59,266 visits, 3,350 reference stars
     python -m benchmarks.bench_dr17 --n 3000 --ref-stars 400 # a quick look
     nice -n 5 python -m benchmarks.bench_dr17 --keep         # keep the build's outputs
+    python -m benchmarks.bench_dr17 --timeout 30             # stop the build after 30 min, report what it did
 
 1. **Input files** (generated once into ``--cache``, default ``$MASTAR_VAC_CACHE/bench_dr17``
    or ``/tmp/mastar_vac_bench_dr17``; reused when present, and their generation is timed
@@ -378,8 +379,7 @@ def run_build(cfg: Path, outdir: Path, logfile: Path, *, timeout_s: float | None
             if timer is not None:
                 timer.start()
             try:
-                lines = iter(proc.stdout)
-                for line in lines:
+                for line in proc.stdout:
                     _follow(line, fh, rss, stages, notes, t0, phase_t0)
             except KeyboardInterrupt:
                 notes.append(f"INTERRUPTED during stage {rss.phase!r}")
