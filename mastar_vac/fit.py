@@ -574,8 +574,7 @@ def _fit_weighted(emu: Emulator, flux: NDArray, w: NDArray, config: FitConfig, s
         run_all(idx_fit, lambda ib: order[ib, :1])
         ok_rows = idx_fit[status[idx_fit] == 0]
         x_phys = emu.unscale(best_x[ok_rows])
-        tol = 1e-4 * (hi_p - lo_p)
-        on_bound = ((np.abs(x_phys - lo_p) <= tol) | (np.abs(x_phys - hi_p) <= tol)).any(1)
+        on_bound = _at_bound(x_phys, lo_p, hi_p).any(1)
         again = ok_rows[(n_iter[ok_rows] >= config.staged_min_iter) | on_bound | ~conv[ok_rows]
                         | ~np.isfinite(best_chi2[ok_rows])]
         if len(again):
@@ -619,8 +618,7 @@ def _fit_weighted(emu: Emulator, flux: NDArray, w: NDArray, config: FitConfig, s
     labels[bad] = np.nan
     cov[bad] = np.nan
     errors = np.sqrt(np.clip(np.diagonal(cov, axis1=1, axis2=2), 0, None))
-    tol = 1e-4 * (hi_p - lo_p)
-    at_bound = (np.abs(labels - lo_p) <= tol) | (np.abs(labels - hi_p) <= tol)
+    at_bound = _at_bound(labels, lo_p, hi_p)
     model = None
     if return_model:
         model = np.full((n, P), np.nan, np.float32)
@@ -633,6 +631,12 @@ def _fit_weighted(emu: Emulator, flux: NDArray, w: NDArray, config: FitConfig, s
                          model, messages)
     return FitResult(list(emu.label_names), labels, errors, cov, chi2_data, dof, n_iter, status, best_k, at_bound,
                      model, messages, chi2_emu=chi2)
+
+
+def _at_bound(labels: NDArray, lo: NDArray, hi: NDArray) -> NDArray[np.bool_]:
+    """(n, L): a physical label within 1e-4 of the bound range from one of its bounds."""
+    tol = 1e-4 * (hi - lo)
+    return (np.abs(labels - lo) <= tol) | (np.abs(labels - hi) <= tol)
 
 
 def _order_starts(net: _TorchNet, emu: Emulator, flux: NDArray, w: NDArray, S: NDArray, idx: NDArray[np.int64],

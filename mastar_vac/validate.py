@@ -147,12 +147,20 @@ def validate_fit(emu: Emulator, labels: NDArray, flux: NDArray, ivar: NDArray, *
                  config: FitConfig = FitConfig(), snr: float = 50.0, seed: int = 0) -> tuple[dict, pd.DataFrame]:
     """Fit held-out spectra degraded to ``snr`` and compare with their reference labels."""
     f, iv, achieved = degrade_to_snr(flux, ivar, snr, seed=seed)
-    res = fit_spectra(emu, f, iv, config=config)
-    table = label_residuals(res.labels, np.asarray(labels, float), emu.label_names)
-    table["median_snr"] = float(np.nanmedian(achieved))
-    df = pd.DataFrame({"snr": achieved, "status": res.status, "chi2_red": res.chi2_red})
+    return _fit_and_compare(emu, f, iv, labels, achieved, config)
+
+
+def _fit_and_compare(emu: Emulator, flux: NDArray, ivar: NDArray, reference_labels: NDArray, snr: NDArray,
+                     config: FitConfig) -> tuple[dict, pd.DataFrame]:
+    """Fit, then Table 1 against ``reference_labels`` and one row per spectrum (its S/N
+    ``snr``, status, χ², reference, fitted labels and errors)."""
+    reference_labels = np.asarray(reference_labels, np.float64)
+    res = fit_spectra(emu, flux, ivar, config=config)
+    table = label_residuals(res.labels, reference_labels, emu.label_names)
+    table["median_snr"] = float(np.nanmedian(snr)) if len(snr) else float("nan")
+    df = pd.DataFrame({"snr": snr, "status": res.status, "chi2_red": res.chi2_red})
     for j, n in enumerate(emu.label_names):
-        df[f"REF_{n}"] = labels[:, j]
+        df[f"REF_{n}"] = reference_labels[:, j]
         df[f"FIT_{n}"] = res.labels[:, j]
         df[f"ERR_{n}"] = res.errors[:, j]
     return table, df
@@ -177,14 +185,4 @@ def validate_visits(emu: Emulator, flux: NDArray, ivar: NDArray, reference_label
     Visits the fitter cannot use (no data, χ² beyond ``chi2_fail``, an error) come back
     with NaN labels and count as catastrophic failures in the table.
     """
-    reference_labels = np.asarray(reference_labels, np.float64)
-    res = fit_spectra(emu, flux, ivar, config=config)
-    table = label_residuals(res.labels, reference_labels, emu.label_names)
-    snr = median_snr(flux, ivar)
-    table["median_snr"] = float(np.nanmedian(snr)) if len(flux) else float("nan")
-    df = pd.DataFrame({"snr": snr, "status": res.status, "chi2_red": res.chi2_red})
-    for j, n in enumerate(emu.label_names):
-        df[f"REF_{n}"] = reference_labels[:, j]
-        df[f"FIT_{n}"] = res.labels[:, j]
-        df[f"ERR_{n}"] = res.errors[:, j]
-    return table, df
+    return _fit_and_compare(emu, flux, ivar, reference_labels, median_snr(flux, ivar), config)
