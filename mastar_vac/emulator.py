@@ -194,11 +194,15 @@ class Emulator:
             return None
         if teff is None:
             return self.pixel_error[:1]
+        return self.pixel_error[self.pixel_error_row(teff)]
+
+    def pixel_error_row(self, teff: NDArray) -> NDArray[np.int64]:
+        """The row of ``pixel_error`` for stars of Teff ``teff``: 1 + their Teff bin, 0
+        (all stars) where Teff is NaN."""
         teff = np.asarray(teff, np.float64)
         assert self.pixel_error_edges is not None
         row = np.searchsorted(self.pixel_error_edges, teff, side="right") + 1
-        row = np.where(np.isfinite(teff), row, 0)
-        return self.pixel_error[row]
+        return np.where(np.isfinite(teff), row, 0)
 
     # -- label transforms ------------------------------------------------------
     @property

@@ -205,7 +205,9 @@ def test_resume_never_takes_a_checkpoint_of_other_rows(tmp_path):
 def test_emulator_error_downweights_pixels_the_emulator_cannot_reproduce():
     """Stars whose spectra depart from the emulator over a stretch of pixels (as cool
     stars' blue ends do on the demo) are fitted better when the emulator's measured error
-    there is added to the noise, and the two passes pick each star's Teff-bin error."""
+    there is added to the noise, and each star ends with the error of its Teff bin: the
+    bin of its best start, or, where the fit moves to another bin, that one's in a
+    second fit from the first one's solution."""
     import dataclasses
 
     base = toy_emulator()
@@ -228,9 +230,16 @@ def test_emulator_error_downweights_pixels_the_emulator_cannot_reproduce():
     # the minimized χ² (emulator error included) describes the misfit; the data-only one
     # cannot fall below the plain fit's, which minimized it
     assert np.median(weighted.chi2_emu_red) < 2.0 < np.median(plain.chi2_red) <= np.median(weighted.chi2_red)
-    # a second pass ran from the first one's solution: more iterations than one pass
-    one = fit_spectra(emu, f, iv, config=FitConfig(emulator_error=False, n_grid_starts=2))
-    assert weighted.n_iter.sum() > one.n_iter.sum()
+    # starts in the wrong bin (7000 K: its error row is 0, as no emulator error): the fit
+    # moves to the cool bin and is fitted again there, and lands where starts in the
+    # right bin (5000 K) do, at the cost of more iterations
+    cfg = FitConfig(n_grid_starts=0)
+    wrong = fit_spectra(emu, f, iv, config=cfg, starts=np.column_stack([np.full(40, 7000.0), truth[:, 1:]]))
+    right = fit_spectra(emu, f, iv, config=cfg, starts=np.column_stack([np.full(40, 5000.0), truth[:, 1:]]))
+    assert np.all(np.abs(wrong.labels - right.labels) < [3.0, 0.01, 0.005]), np.abs(wrong.labels - right.labels).max(0)
+    assert np.all(np.median(np.abs(wrong.labels - truth), axis=0) < 0.5 * d_plain)
+    assert wrong.n_iter.sum() > right.n_iter.sum()
+    np.testing.assert_allclose(wrong.chi2_emu, right.chi2_emu, rtol=1e-4)
     # the error of the bin the star falls in is used, the all-star row where Teff is NaN
     rows = emu.pixel_error_for(np.array([5000.0, 7000.0, 9000.0, np.nan]))
     np.testing.assert_array_equal(rows, err[[1, 2, 3, 0]])
