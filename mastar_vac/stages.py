@@ -27,6 +27,11 @@ __all__ = ["StageContext"]
 
 log = logging.getLogger(__name__)
 
+# the fitter's own version in the keys of the stages that fit: raised when a change of
+# mastar_vac.fit changes its results (2: Nielsen damping, one-pass emulator error), so
+# that a build after an upgrade fits again instead of reusing the old fits
+FIT_VERSION = 2
+
 ALLSTAR_BASE_COLUMNS = ("APOGEE_ID", "RA", "DEC", "ASPCAPFLAG", "STARFLAG", "EXTRATARG", "GAIAEDR3_SOURCE_ID")
 ALLSTAR_OPTIONAL_COLUMNS = ("SNR", "VSCATTER")  # used by the duplicate and binary cuts when present
 
@@ -257,7 +262,7 @@ class StageContext:
 
         c = self.cfg
         key = stage_key(cube=self.keys["cube"], emulator=self.keys["emulator"], fit=c.fit,
-                        gaia=file_fingerprint(c.inputs.gaia_xmatch))
+                        gaia=file_fingerprint(c.inputs.gaia_xmatch), version=FIT_VERSION)
         self.keys["fit"] = key
         if is_current(self.fits_path, key):
             return "reused", self._fit_detail()
@@ -298,7 +303,7 @@ class StageContext:
         from .validate import format_table1, label_residuals, validate_fit, validate_visits, visits_of
 
         c = self.cfg
-        key = stage_key(emulator=self.keys["emulator"], fit=c.fit, cube=self.keys["cube"], version=2)
+        key = stage_key(emulator=self.keys["emulator"], fit=c.fit, cube=self.keys["cube"], version=(2, FIT_VERSION))
         if is_current(self.validation_path, key):
             return "reused", self._validation_detail()
         emu = load_emulator(self.emulator_path)
