@@ -266,6 +266,9 @@ def test_huber_loss_is_the_weighted_mse_near_the_model_and_linear_beyond():
     training_loss(far, flux, w, error_floor=floor).backward()
     z = 0.5 * np.sqrt(0.5) / floor
     assert float(far.grad[0, 0]) / g_huber == pytest.approx(z, rel=1e-4)
+    # and its value there is floor²·(2·delta·z − delta²) / Σw
+    huber_far = training_loss(far.detach(), flux, w, error_floor=floor, kind="huber", delta=1.0)
+    assert float(huber_far) == pytest.approx(floor**2 * (2 * z - 1) / 1.5, rel=1e-5)
     with pytest.raises(ValueError, match="unknown loss"):
         training_loss(near, flux, w, error_floor=floor, kind="l3")
 
