@@ -194,7 +194,7 @@ def run(emu, flux: np.ndarray, ivar: np.ndarray, n_cf: int, name: str, threads: 
         "chi2_batched_minus_cf_median": float(np.median(dchi)) if dchi.size else np.nan,
         "frac_chi2_worse_by_1": float(np.mean(dchi > 1.0)) if dchi.size else np.nan,
         "status_ok": float(np.mean(res.status == 0)), "mean_iter": iters / n, "gflops": gflops,
-        "build_ms": 1e3 * t_build, "build_iter": it_build, "two_pass": emu.pixel_error is not None,
+        "build_ms": 1e3 * t_build, "build_iter": it_build, "emulator_error": emu.pixel_error is not None,
         "staged_ms": 1e3 * t_staged, "staged_iter": it_s / n, "staged_ratio": t_cf / t_staged,
     }
 
@@ -324,7 +324,7 @@ def main() -> None:
         print(f"  projected 59,266 spectra: (a) {59266 * r['batched_ms'] / 6e4:.1f} min, "
               f"(b) {59266 * r['curve_fit_ms'] / 6e4:.0f} min")
         how = ("the emulator error of the best start's Teff bin, fitted again where the fit moves to another bin"
-               if r["two_pass"] else "pixel noise only")
+               if r["emulator_error"] else "pixel noise only")
         print(f"  the build's fit (staged grid starts, {how}): {r['build_ms']:.2f} ms/spectrum, "
               f"{r['build_iter']:.2f} LM iterations; projected 59,266 spectra {59266 * r['build_ms'] / 6e4:.1f} min")
     r = lsf_row

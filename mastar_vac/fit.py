@@ -488,9 +488,11 @@ def fit_spectra(emu: Emulator, flux: NDArray, ivar: NDArray, *, config: FitConfi
                        glabels, gmodels, config.n_grid_starts)
     if grid.shape[1]:
         teff0 = grid[:, 0, t]
-    else:  # only the caller's starts: their first
+    elif starts is not None:  # only the caller's starts: their first
         s0 = np.asarray(starts, np.float64)
         teff0 = (s0 if s0.ndim == 2 else s0[:, 0])[:, t]
+    else:  # no start at all: _fit_weighted refuses it, with the message that says so
+        teff0 = np.full(len(flux), np.nan)
     first = _fit_weighted(emu, flux, _add_variance(w, emu.pixel_error_for(teff0)), config, starts, return_model,
                           w_data=w, kern=kern, grid=grid)
     teff1 = first.labels[:, t]
@@ -512,7 +514,8 @@ def _replace_rows(res: FitResult, rows: NDArray[np.int64], sub: FitResult) -> Fi
         a, b = getattr(res, f.name), getattr(sub, f.name)
         if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
             a[rows] = b
-    res.messages = {**{k: v for k, v in res.messages.items() if k not in set(rows.tolist())},
+    replaced = set(rows.tolist())
+    res.messages = {**{k: v for k, v in res.messages.items() if k not in replaced},
                     **{int(rows[k]): v for k, v in sub.messages.items()}}
     return res
 

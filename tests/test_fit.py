@@ -239,6 +239,9 @@ def test_emulator_error_downweights_pixels_the_emulator_cannot_reproduce():
     assert np.all(np.abs(wrong.labels - right.labels) < [3.0, 0.01, 0.005]), np.abs(wrong.labels - right.labels).max(0)
     assert np.all(np.median(np.abs(wrong.labels - truth), axis=0) < 0.5 * d_plain)
     assert wrong.n_iter.sum() > right.n_iter.sum()
+    # no start at all is refused with the same message with or without the emulator error
+    with pytest.raises(ValueError, match="no starting points"):
+        fit_spectra(emu, f, iv, config=cfg)
     np.testing.assert_allclose(wrong.chi2_emu, right.chi2_emu, rtol=1e-4)
     # the error of the bin the star falls in is used, the all-star row where Teff is NaN
     rows = emu.pixel_error_for(np.array([5000.0, 7000.0, 9000.0, np.nan]))
