@@ -49,6 +49,26 @@ def _flagged_ids(demo_output: Path) -> set[str]:
     return set(t.loc[t["outlier"].astype(bool), "id"].astype(str))
 
 
+def fold_splits(ref, flagged: np.ndarray, n_folds: int, seed: int):  # noqa: ANN001, ANN201
+    """The cross-validation folds: every empirical star held out once (``n_folds`` parts
+    of a seeded permutation); per fold, the other stars less the ``flagged`` ones and the
+    synthetic spectra, a ninth of each for early stopping. Yields (k, held, split)."""
+    emp = np.flatnonzero(ref.source == "empirical")
+    synth = np.flatnonzero(ref.source == "synthetic")
+    rng = np.random.default_rng(seed)
+    for k, held in enumerate(np.array_split(rng.permutation(emp), n_folds)):
+        train_pool = np.setdiff1d(emp, held)
+        train_pool = train_pool[~flagged[train_pool]]  # cleaning: training part only
+        parts: dict[str, list] = {"train": [], "test": []}
+        for pool in (train_pool, synth):
+            pool = rng.permutation(pool)
+            n_test = max(1, len(pool) // 9) if len(pool) else 0
+            parts["test"].append(pool[:n_test])
+            parts["train"].append(pool[n_test:])
+        yield k, held, {"train": np.sort(np.concatenate(parts["train"])),
+                        "test": np.sort(np.concatenate(parts["test"])), "validation": np.sort(held)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--folds", type=int, default=5)
@@ -73,9 +93,6 @@ def main() -> None:
     flagged_ids = _flagged_ids(args.demo_output)
     flagged = np.isin(ref.ids.astype(str), list(flagged_ids)) & (ref.source == "empirical")
     emp = np.flatnonzero(ref.source == "empirical")
-    synth = np.flatnonzero(ref.source == "synthetic")
-    rng = np.random.default_rng(cfg.run.seed)
-    folds = np.array_split(rng.permutation(emp), args.folds)
     from benchmarks.bench_emulator import library_at_mastar_resolution
     from mastar_vac.demo import demo_files
 
@@ -93,17 +110,7 @@ def main() -> None:
     per_fold_visits, accuracy_synth = [], []
     accuracy: dict[str, list] = {lib: [] for lib in real}
     t0 = time.perf_counter()
-    for k, held in enumerate(folds):
-        train_pool = np.setdiff1d(emp, held)
-        train_pool = train_pool[~flagged[train_pool]]  # cleaning: training part only
-        parts = {"train": [], "test": []}
-        for pool in (train_pool, synth):
-            pool = rng.permutation(pool)
-            n_test = max(1, len(pool) // 9) if len(pool) else 0
-            parts["test"].append(pool[:n_test])
-            parts["train"].append(pool[n_test:])
-        split = {"train": np.sort(np.concatenate(parts["train"])), "test": np.sort(np.concatenate(parts["test"])),
-                 "validation": np.sort(held)}
+    for k, held, split in fold_splits(ref, flagged, args.folds, cfg.run.seed):
         r = train_emulator(ref.labels, ref.flux, ref.ivar, label_names=ref.label_names, wave=ref.wave,
                            config=cfg.emulator, split=split, progress=False)
         emu = r.emulator

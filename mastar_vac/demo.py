@@ -11,7 +11,8 @@ Nothing is downloaded. The spectra are real and ship with the PyPI package
   (``SRES``), which give the target line-spread function.
 
 Each MILES star becomes a MaStar "star" with 1–5 visits: wavelengths air → vacuum,
-broadened to the MaStar LSF (scaled by a small per-visit factor, recorded in DISP),
+broadened to the MaStar LSF scaled by a per-visit factor (``LSF_FACTOR_SIGMA``: the
+real library's spread, recorded in DISP),
 resampled onto the MaStar grid, scaled to a plausible flux and given noise at a drawn
 S/N. STELIB adds the red half of the MaStar range (to ~9,600 Å): a STELIB star that is
 also a MILES star (117 of them, matched by HD number) is the *same* demo star, its
@@ -126,7 +127,18 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Bumped whenever the content of the demo changes for a given seed (it names the cache dir).
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+
+#: Each visit's LSF is the MaStarHC median σ(λ) times a factor drawn from
+#: 1 + N(0, LSF_FACTOR_SIGMA), clipped to LSF_FACTOR_RANGE. Real MaStar visits differ
+#: from fibre to fibre and night to night by of order ±10% in σ around the median, some
+#: sharper and some broader (issue 14; MaStarHC's SRES is one median curve for every
+#: spectrum, so it gives the shape, not the spread). Assumed here: one factor for the
+#: whole visit (the real LSF also changes shape along λ a little, which this leaves out).
+#: Where a factor asks for a sharper LSF than the library spectrum has (MILES in the
+#: bluest pixels, STELIB blueward of ~6,300 Å), DISP records the library's σ instead.
+LSF_FACTOR_SIGMA = 0.08
+LSF_FACTOR_RANGE = (0.8, 1.25)
 DEFAULT_SEED = 20221
 
 FILE_NAMES = {
@@ -667,6 +679,11 @@ class _Star:
             else self.rng
 
 
+def _lsf_factor(rng: np.random.Generator, n: int) -> NDArray[np.float64]:
+    """Per-visit LSF widths relative to the MaStarHC median (σ_visit = f·σ_target)."""
+    return np.clip(1.0 + LSF_FACTOR_SIGMA * rng.standard_normal(n), *LSF_FACTOR_RANGE)
+
+
 def _draw_star(seed: int, kind: str, key: int, index: int, mangaid: str, nvis: int | None) -> _Star:
     # One generator per star, so that a star's data does not depend on how many stars
     # the demo holds (n_stars) or on the order they are built in.
@@ -676,7 +693,7 @@ def _draw_star(seed: int, kind: str, key: int, index: int, mangaid: str, nvis: i
     ra = float(rng.uniform(0.0, 360.0))
     dec = float(np.degrees(np.arcsin(rng.uniform(-1.0, 1.0))))
     snr = _draw_snr(rng, n)
-    factor = np.clip(1.0 + 0.03 * rng.standard_normal(n), 0.93, 1.07)
+    factor = _lsf_factor(rng, n)
     nexp = rng.integers(3, 9, n)
     # Plates: a repeat visit sometimes re-observes the same plate (then the same IFU).
     plates = rng.integers(8000, 12000, n)
@@ -702,7 +719,7 @@ def _add_stelib_visits(st: _Star, seed: int, miles_id: int, spectra: Sequence[in
     mjds = np.sort(rng.choice(free, n, replace=False))
     st.mjds = np.concatenate([st.mjds, mjds])
     st.snr = np.concatenate([st.snr, _draw_snr(rng, n)])
-    st.factor = np.concatenate([st.factor, np.clip(1.0 + 0.03 * rng.standard_normal(n), 0.93, 1.07)])
+    st.factor = np.concatenate([st.factor, _lsf_factor(rng, n)])
     st.nexp = np.concatenate([st.nexp, rng.integers(3, 9, n)])
     st.plates = np.concatenate([st.plates, rng.integers(8000, 12000, n)])
     st.ifus = st.ifus + [str(x) for x in rng.choice(_IFUDESIGNS, n)]
@@ -1086,7 +1103,8 @@ def build_demo(out_dir: str | os.PathLike[str], *, seed: int = DEFAULT_SEED, n_s
             "nan_flux_visit_rows": sorted(int(row_of[v]) for v in specials.nan_visits),
         },
         "lsf": {"target": "median SRES of the MaStarHC spectra",
-                "visit_factor": "1 + N(0, 0.03), clipped to [0.93, 1.07]", "miles_fwhm_angstrom": MILES_FWHM,
+                "visit_factor": f"1 + N(0, {LSF_FACTOR_SIGMA}), clipped to {list(LSF_FACTOR_RANGE)}",
+                "miles_fwhm_angstrom": MILES_FWHM,
                 "stelib_fwhm_angstrom": STELIB_FWHM,
                 "stelib": "broadened where sharper than the visit's LSF; left as is where coarser, DISP = "
                           "max(factor*target, STELIB sigma); COARSER_BELOW in visit_sources.csv"},

@@ -45,6 +45,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .emulator import Emulator, resolve_device
+from .lsf import BandKernels
 
 __all__ = [
     "DEFAULT_BOUNDS",
@@ -520,7 +521,7 @@ def _replace_rows(res: FitResult, rows: NDArray[np.int64], sub: FitResult) -> Fi
     return res
 
 
-def _forward_kernels(emu: Emulator, config: FitConfig, lsf_sigma: NDArray | None, n: int) -> _LsfKernels | None:
+def _forward_kernels(emu: Emulator, config: FitConfig, lsf_sigma: NDArray | None, n: int) -> BandKernels | None:
     """The per-spectrum LSF kernels when ``config.lsf`` asks for the forward model."""
     if config.lsf == "ignore":
         return None
@@ -534,7 +535,7 @@ def _forward_kernels(emu: Emulator, config: FitConfig, lsf_sigma: NDArray | None
 
 
 def _fit_weighted(emu: Emulator, flux: NDArray, w: NDArray, config: FitConfig, starts: NDArray | None,
-                  return_model: bool, w_data: NDArray | None = None, kern: _LsfKernels | None = None,
+                  return_model: bool, w_data: NDArray | None = None, kern: BandKernels | None = None,
                   grid: NDArray | None = None) -> FitResult:
     """The fit of :func:`fit_spectra` with the pixel weights (1/σ²) given (and, for the
     LSF forward model, the spectra's kernels ``kern``).
@@ -696,7 +697,7 @@ def _at_bound(labels: NDArray, lo: NDArray, hi: NDArray) -> NDArray[np.bool_]:
 
 
 def _order_starts(net: _TorchNet, emu: Emulator, flux: NDArray, w: NDArray, S: NDArray, idx: NDArray[np.int64],
-                  cfg: FitConfig, dtype: Any, kern: _LsfKernels | None = None) -> NDArray[np.int64]:
+                  cfg: FitConfig, dtype: Any, kern: BandKernels | None = None) -> NDArray[np.int64]:
     """Per spectrum, its start columns ordered by χ² at the start point (lowest first),
     the starts clamped to the bounds as the LM clamps them. One model evaluation per
     start: a fraction of one LM iteration, which also evaluates the Jacobian. With
@@ -723,7 +724,7 @@ def _order_starts(net: _TorchNet, emu: Emulator, flux: NDArray, w: NDArray, S: N
 
 
 def _fit_batch(net: _TorchNet, emu: Emulator, flux: NDArray, w: NDArray, S: NDArray, lo_t: Any, hi_t: Any,
-               cfg: FitConfig, dtype: Any, kern: _LsfKernels | None = None) -> tuple[NDArray, ...]:
+               cfg: FitConfig, dtype: Any, kern: BandKernels | None = None) -> tuple[NDArray, ...]:
     """LM from every start of each spectrum in the batch; keep the lowest χ².
 
     Returns the scaled labels, χ², start index, iterations (summed over starts), the
@@ -752,113 +753,17 @@ def _fit_batch(net: _TorchNet, emu: Emulator, flux: NDArray, w: NDArray, S: NDAr
 # the line-spread forward model (issue 14): one banded kernel per visit
 # ---------------------------------------------------------------------------
 
-# The kernels' support: the taps of the widest kernel that weigh at least this much.
-# Every tap costs one pass over the (1+L, B, P) block, and the 5σ support would hold
-# taps of 1e-9; the kernel's width is re-solved for the shorter support, so its
-# variance stays exactly σ_k² and its shape changes by ~1e-5 of the flux — far below
-# the emulator's own error (~1e-2).
-_LSF_TAP_TOL = 1e-5
-# Within that support, taps lighter than this are set to 0 (each kernel renormalized):
-# the narrower kernels' outer taps and the far wings, below 1e-6 of the flux. The
-# operator then skips, per chunk of rows and per tap, the pixels where every weight is 0
-# (a visit's σ_k varies along λ and from visit to visit, the common support is the
-# widest one's). The variance moves by < 2·1e-7·K² ≈ 1e-5 px².
-_LSF_ZERO_TOL = 1e-7
-# spectra per chunk when the kernels are built (bounds the temporaries)
-_LSF_BUILD_ROWS = 256
-
-
-@dataclass
-class _LsfKernels:
-    """Every spectrum's differential kernel on the modelled pixels, in the layout the
-    torch operator reads: ``weights`` (n, T, S) float32 over the span S of the modelled
-    pixels (from ``start``), for ``offsets`` (T,), renormalized over the modelled
-    pixels (taps onto pixels the emulator does not model weigh 0); ``rel`` the modelled
-    pixels' positions in the span, None where they are the whole span; ``reach``
-    (n, T, 2) per spectrum and tap the pixel range [lo, hi) outside which its weights
-    are 0."""
-
-    weights: NDArray[np.float32]
-    offsets: NDArray[np.int64]
-    start: int
-    rel: NDArray[np.int64] | None
-    n_sharper: NDArray[np.int64]  # per spectrum: pixels where the visit is sharper than σ_ref
-    reach: NDArray[np.int64]
-
-    def rows(self, idx: NDArray[np.int64]) -> _LsfKernels:
-        idx = np.asarray(idx, np.int64)
-        # a batch is usually a run of consecutive spectra: a view, not a copy of its kernels
-        if idx.size and idx[-1] - idx[0] == idx.size - 1 and np.all(np.diff(idx) == 1):
-            sel: Any = slice(int(idx[0]), int(idx[-1]) + 1)
-        else:
-            sel = idx
-        return _LsfKernels(self.weights[sel], self.offsets, self.start, self.rel, self.n_sharper[sel],
-                           self.reach[sel])
-
-    def apply(self, model: NDArray) -> NDArray[np.float64]:
-        """The operator on full-grid spectra (n, P) in numpy (the modelled pixels are
-        broadened, the others returned as they are)."""
-        from .lsf import apply_band
-
-        out = np.array(model, np.float64)
-        S = self.weights.shape[2]
-        span = out[:, self.start:self.start + S]
-        if self.rel is not None:
-            span = np.where(np.isin(np.arange(S), self.rel)[None, :], span, 0.0)
-        b = apply_band(span, np.swapaxes(self.weights, 1, 2), self.offsets)
-        pix = np.arange(S) if self.rel is None else self.rel
-        out[:, self.start + pix] = b[:, pix]
-        return out
-
-
-def lsf_kernels(emu: Emulator, lsf_sigma: NDArray, *, tol: float = _LSF_TAP_TOL) -> _LsfKernels:
+def lsf_kernels(emu: Emulator, lsf_sigma: NDArray, *, tol: float | None = None) -> BandKernels:
     """The differential kernels of spectra whose LSF σ is ``lsf_sigma`` (n, P), in pixels
-    of the emulator's grid, against the emulator's σ_ref (``emu.lsf_sigma_ref``).
-
-    Unusable σ (non-finite, ≤ 0) are filled from the visit's other pixels
-    (:func:`mastar_vac.lsf.fill_sigma`; a visit without any gets σ_ref, i.e. no
-    broadening, with a warning). Pixels where a visit is sharper than σ_ref get the
-    identity (the model cannot be sharpened); they are counted, and logged."""
+    of the emulator's grid, against the emulator's σ_ref (``emu.lsf_sigma_ref``), on the
+    pixels it models (:func:`mastar_vac.lsf.band_kernels`, where unusable σ are filled
+    and sharper visits counted)."""
     from . import lsf
 
     if emu.lsf_sigma_ref is None:
         raise ValueError(_no_sigma_ref_message(emu))
-    ref = emu.lsf_sigma_ref
-    sig = np.asarray(lsf_sigma, np.float64)
-    if sig.ndim != 2 or sig.shape[1] != emu.n_pixels:
-        raise ValueError(f"lsf_sigma has shape {sig.shape}, expected (n, {emu.n_pixels}) (σ in pixels per visit)")
-    sig, n_filled = lsf.fill_sigma(sig, ref)
-    if n_filled.any():
-        empty = int((n_filled == emu.n_pixels).sum())
-        log.warning("LSF σ unusable (non-finite or <= 0) in %d pixels of %d spectra, filled from the visit's "
-                    "other pixels; %d spectra without any usable σ are fitted at σ_ref", int(n_filled.sum()),
-                    int((n_filled > 0).sum()), empty)
-    pix = np.flatnonzero(emu.pixel_mask)
-    p0, p1 = int(pix[0]), int(pix[-1]) + 1
-    rel = None if len(pix) == p1 - p0 else pix - p0
-    sk, _ = lsf.differential_sigma(sig[:, p0:p1], ref[p0:p1])
-    kmax = lsf.band_halfwidth(float(sk.max()) if sk.size else 0.0, tol)
-    n, S, T = len(sig), p1 - p0, 2 * kmax + 1
-    weights = np.empty((n, T, S), np.float32)
-    n_sharper = np.zeros(n, np.int64)
-    reach = np.zeros((n, T, 2), np.int64)
-    valid = emu.pixel_mask[p0:p1]
-    for a in range(0, n, _LSF_BUILD_ROWS):
-        k = lsf.differential_kernel(sig[a:a + _LSF_BUILD_ROWS, p0:p1], ref[p0:p1], kmax=kmax, taps_first=True,
-                                    zero_below=_LSF_ZERO_TOL if tol > 0 else 0.0, dtype=np.float32)
-        w = lsf.restrict_band(k.weights, k.offsets, valid, taps_first=True, copy=False)
-        weights[a:a + _LSF_BUILD_ROWS] = w
-        nz = w != 0  # (rows, T, S)
-        has = nz.any(axis=2)
-        reach[a:a + _LSF_BUILD_ROWS, :, 0] = np.where(has, nz.argmax(axis=2), S)  # empty: [S, 0)
-        reach[a:a + _LSF_BUILD_ROWS, :, 1] = np.where(has, S - nz[:, :, ::-1].argmax(axis=2), 0)
-        n_sharper[a:a + _LSF_BUILD_ROWS] = (k.n_sharper if rel is None else
-                                            (sig[a:a + _LSF_BUILD_ROWS, pix] < ref[pix]).sum(1))
-    if n_sharper.any():
-        log.info("LSF forward model: %d of %d spectra are sharper than σ_ref somewhere (%.2f%% of their modelled "
-                 "pixels); the model is left at σ_ref there", int((n_sharper > 0).sum()), n,
-                 100 * n_sharper.sum() / max(n * len(pix), 1))
-    return _LsfKernels(weights, np.arange(-kmax, kmax + 1, dtype=np.int64), p0, rel, n_sharper, reach)
+    kw = {} if tol is None else {"tol": tol}
+    return lsf.band_kernels(lsf_sigma, emu.lsf_sigma_ref, emu.pixel_mask, **kw)
 
 
 def _no_sigma_ref_message(emu: Emulator) -> str:
@@ -891,7 +796,7 @@ class _Band:
         self._ranges: dict[int, tuple[list[list[int]], list[list[int]]]] = {}
 
     @classmethod
-    def from_kernels(cls, kern: _LsfKernels, repeat: int, device: str, dtype: Any) -> _Band:
+    def from_kernels(cls, kern: BandKernels, repeat: int, device: str, dtype: Any) -> _Band:
         """The operator of ``kern``'s spectra, each for ``repeat`` consecutive rows (its
         starts); the rows are expanded by :meth:`scaled`, in the same pass."""
         import torch

@@ -13,7 +13,10 @@ spectrum broadened by the visit's *differential* kernel, σ_k² = σ_visit² −
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import logging
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -32,7 +35,13 @@ __all__ = [
     "band_halfwidth",
     "restrict_band",
     "apply_band",
+    "fill_sigma",
+    "BandKernels",
+    "band_kernels",
+    "homogenize",
 ]
+
+log = logging.getLogger(__name__)
 
 FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
 
@@ -309,6 +318,152 @@ def apply_band(flux: ArrayLike, weights: ArrayLike, offsets: ArrayLike) -> NDArr
         else:
             out[..., -k:] += w[..., -k:, j] * f[..., :P + k]
     return out
+
+
+# The kernels' support: the taps of the widest kernel that weigh at least this much.
+# Every tap costs one pass over the (1+L, B, P) block, and the 5σ support would hold
+# taps of 1e-9; the kernel's width is re-solved for the shorter support, so its
+# variance stays exactly σ_k² and its shape changes by ~1e-5 of the flux — far below
+# the emulator's own error (~1e-2).
+TAP_TOL = 1e-5
+# Within that support, taps lighter than this are set to 0 (each kernel renormalized):
+# the narrower kernels' outer taps and the far wings, below 1e-6 of the flux. The
+# operator then skips, per chunk of rows and per tap, the pixels where every weight is 0
+# (a visit's σ_k varies along λ and from visit to visit, the common support is the
+# widest one's). The variance moves by < 2·1e-7·K² ≈ 1e-5 px².
+ZERO_TOL = 1e-7
+# spectra per chunk when the kernels are built (bounds the temporaries)
+_BUILD_ROWS = 256
+
+
+@dataclass
+class BandKernels:
+    """Every spectrum's differential kernel on the modelled pixels, in the layout the
+    torch operator reads: ``weights`` (n, T, S) float32 over the span S of the modelled
+    pixels (from ``start``), for ``offsets`` (T,), renormalized over the modelled
+    pixels (taps onto pixels the emulator does not model weigh 0); ``rel`` the modelled
+    pixels' positions in the span, None where they are the whole span; ``reach``
+    (n, T, 2) per spectrum and tap the pixel range [lo, hi) outside which its weights
+    are 0."""
+
+    weights: NDArray[np.float32]
+    offsets: NDArray[np.int64]
+    start: int
+    rel: NDArray[np.int64] | None
+    n_sharper: NDArray[np.int64]  # per spectrum: pixels where the visit is sharper than σ_ref
+    reach: NDArray[np.int64]
+
+    def rows(self, idx: NDArray[np.int64]) -> BandKernels:
+        idx = np.asarray(idx, np.int64)
+        # a batch is usually a run of consecutive spectra: a view, not a copy of its kernels
+        if idx.size and idx[-1] - idx[0] == idx.size - 1 and np.all(np.diff(idx) == 1):
+            sel: Any = slice(int(idx[0]), int(idx[-1]) + 1)
+        else:
+            sel = idx
+        return BandKernels(self.weights[sel], self.offsets, self.start, self.rel, self.n_sharper[sel],
+                           self.reach[sel])
+
+    def apply(self, model: NDArray) -> NDArray[np.float64]:
+        """The operator on full-grid spectra (n, P) in numpy (the modelled pixels are
+        broadened, the others returned as they are)."""
+        out = np.array(model, np.float64)
+        S = self.weights.shape[2]
+        span = out[:, self.start:self.start + S]
+        if self.rel is not None:
+            span = np.where(np.isin(np.arange(S), self.rel)[None, :], span, 0.0)
+        b = apply_band(span, np.swapaxes(self.weights, 1, 2), self.offsets)
+        pix = np.arange(S) if self.rel is None else self.rel
+        out[:, self.start + pix] = b[:, pix]
+        return out
+
+
+def band_kernels(lsf_sigma: ArrayLike, sigma_ref: ArrayLike, pixel_mask: ArrayLike, *,
+                 tol: float = TAP_TOL) -> BandKernels:
+    """Every spectrum's differential kernel against ``sigma_ref`` (P,) on the pixels
+    ``pixel_mask`` (P,) models, for spectra of LSF σ ``lsf_sigma`` (n, P) (all σ in
+    pixels of one grid), in the layout a batched operator reads (:class:`BandKernels`).
+    The fit (``[fit] lsf = "forward"``) and the training through the same operator
+    both build their kernels here.
+
+    Unusable σ (non-finite, ≤ 0) are filled from the visit's other pixels
+    (:func:`fill_sigma`; a visit without any gets σ_ref, i.e. no broadening, with a
+    warning). Pixels where a visit is sharper than σ_ref get the identity (the model
+    cannot be sharpened); they are counted, and logged."""
+    ref = np.asarray(sigma_ref, np.float64)
+    mask = np.asarray(pixel_mask, bool)
+    P = len(ref)
+    sig = np.asarray(lsf_sigma, np.float64)
+    if sig.ndim != 2 or sig.shape[1] != P:
+        raise ValueError(f"lsf_sigma has shape {sig.shape}, expected (n, {P}) (σ in pixels per visit)")
+    sig, n_filled = fill_sigma(sig, ref)
+    if n_filled.any():
+        empty = int((n_filled == P).sum())
+        log.warning("LSF σ unusable (non-finite or <= 0) in %d pixels of %d spectra, filled from the visit's "
+                    "other pixels; %d spectra without any usable σ are fitted at σ_ref", int(n_filled.sum()),
+                    int((n_filled > 0).sum()), empty)
+    pix = np.flatnonzero(mask)
+    p0, p1 = int(pix[0]), int(pix[-1]) + 1
+    rel = None if len(pix) == p1 - p0 else pix - p0
+    sk, _ = differential_sigma(sig[:, p0:p1], ref[p0:p1])
+    kmax = band_halfwidth(float(sk.max()) if sk.size else 0.0, tol)
+    n, S, T = len(sig), p1 - p0, 2 * kmax + 1
+    weights = np.empty((n, T, S), np.float32)
+    n_sharper = np.zeros(n, np.int64)
+    reach = np.zeros((n, T, 2), np.int64)
+    valid = mask[p0:p1]
+    for a in range(0, n, _BUILD_ROWS):
+        k = differential_kernel(sig[a:a + _BUILD_ROWS, p0:p1], ref[p0:p1], kmax=kmax, taps_first=True,
+                                zero_below=ZERO_TOL if tol > 0 else 0.0, dtype=np.float32)
+        w = restrict_band(k.weights, k.offsets, valid, taps_first=True, copy=False)
+        weights[a:a + _BUILD_ROWS] = w
+        nz = w != 0  # (rows, T, S)
+        has = nz.any(axis=2)
+        reach[a:a + _BUILD_ROWS, :, 0] = np.where(has, nz.argmax(axis=2), S)  # empty: [S, 0)
+        reach[a:a + _BUILD_ROWS, :, 1] = np.where(has, S - nz[:, :, ::-1].argmax(axis=2), 0)
+        n_sharper[a:a + _BUILD_ROWS] = (k.n_sharper if rel is None else
+                                        (sig[a:a + _BUILD_ROWS, pix] < ref[pix]).sum(1))
+    if n_sharper.any():
+        log.info("LSF forward model: %d of %d spectra are sharper than σ_ref somewhere (%.2f%% of their modelled "
+                 "pixels); the model is left at σ_ref there", int((n_sharper > 0).sum()), n,
+                 100 * n_sharper.sum() / max(n * len(pix), 1))
+    return BandKernels(weights, np.arange(-kmax, kmax + 1, dtype=np.int64), p0, rel, n_sharper, reach)
+
+
+def homogenize(flux: ArrayLike, ivar: ArrayLike, sigma: ArrayLike, target: ArrayLike, *,
+               bad_fraction: float = 0.05, rows: int = 128) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """Spectra (n, P) of LSF σ ``sigma`` (n, P) broadened to the common LSF ``target``
+    (P,) (all σ in pixels): each by its differential kernel √(target² − σ²), exact
+    discrete variance, with the variance propagated (Σ w² σ²). The LSF-homogenized
+    catalogues of the paper's §5.1 (``mastar-combspec-…-lsfpercentP``) are made this
+    way from the visits sharper than the target at every wavelength; a pixel where a
+    spectrum is broader than ``target`` is left as it is (it cannot be sharpened) — pass
+    only spectra that are not. Unusable pixels (ivar ≤ 0, non-finite flux) are bridged
+    by linear interpolation before broadening, and an output pixel that draws more than
+    ``bad_fraction`` of its weight from them gets ivar 0. ``rows`` spectra at a time
+    (bounds the kernels' memory)."""
+    f = np.array(flux, np.float64)
+    iv = np.asarray(ivar, np.float64)
+    sig = np.asarray(sigma, np.float64)
+    n, P = f.shape
+    tgt = np.broadcast_to(np.asarray(target, np.float64), (P,))
+    bad = ~(np.isfinite(f) & np.isfinite(iv) & (iv > 0))
+    idx = np.arange(P)
+    for i in np.flatnonzero(bad.any(axis=1)):
+        good = ~bad[i]
+        f[i] = np.interp(idx, idx[good], f[i, good]) if good.any() else 0.0
+    var = np.where(bad, 0.0, 1.0 / np.where(bad, 1.0, iv))
+    out_f = np.empty((n, P), np.float32)
+    out_i = np.empty((n, P), np.float32)
+    for a in range(0, n, rows):
+        b = slice(a, min(n, a + rows))
+        k = differential_kernel(np.broadcast_to(tgt, sig[b].shape), sig[b])
+        w = restrict_band(k.weights, k.offsets)
+        out_f[b] = apply_band(f[b], w, k.offsets)
+        v = apply_band(var[b], w * w, k.offsets)
+        frac = apply_band(bad[b].astype(np.float64), w, k.offsets)
+        ok = (frac <= bad_fraction) & (v > 0)
+        out_i[b] = np.where(ok, 1.0 / np.where(ok, v, 1.0), 0.0)
+    return out_f, out_i
 
 
 def fill_sigma(sigma: ArrayLike, fallback: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.int64]]:

@@ -31,6 +31,8 @@ __all__ = [
     "derive_labels",
     "match_stars",
     "coadd",
+    "coadd_lsf",
+    "reference_lsf",
     "build_reference_set",
 ]
 
@@ -162,6 +164,69 @@ def coadd(flux: NDArray, ivar: NDArray, groups: NDArray[np.int64], n_groups: int
     return f.astype(np.float32), den.astype(np.float32)
 
 
+def coadd_lsf(disp: NDArray | None, ivar: NDArray, groups: NDArray[np.int64], n_groups: int,
+              wave: NDArray) -> NDArray[np.float32]:
+    """The LSF σ (n_groups, P), in pixels of ``wave``, of the co-adds :func:`coadd`
+    makes: per pixel √(Σ w σ_v² / Σ w) with the co-add's weights w (ivar), where σ_v is
+    each visit's DISP (Å). A co-add of Gaussians of different widths is not a Gaussian,
+    but its second moment is this weighted mean, which is what the differential kernel
+    of the training matches (exactly, to second order in the spread). Pixels without
+    weight take the unweighted mean over the visits; unusable DISP (≤ 0, non-finite) is
+    left out, and a pixel with none is NaN (filled where the kernels are built).
+    ``disp`` None (a cube without DISP): all NaN."""
+    from .lsf import sigma_to_pixels
+
+    P = len(wave)
+    if disp is None:
+        return np.full((n_groups, P), np.nan, np.float32)
+    num, den = np.zeros((n_groups, P)), np.zeros((n_groups, P))
+    num1, den1 = np.zeros((n_groups, P)), np.zeros((n_groups, P))
+    for a in range(0, len(groups), 1024):  # in chunks of visits: bounded temporaries at DR17 size
+        g = groups[a:a + 1024]
+        s = sigma_to_pixels(np.asarray(disp[a:a + 1024], np.float64), wave)
+        ok = np.isfinite(s) & (s > 0)
+        v = np.where(ok, s * s, 0.0)
+        w = np.where(ok & (np.asarray(ivar[a:a + 1024]) > 0), np.asarray(ivar[a:a + 1024], np.float64), 0.0)
+        np.add.at(num, g, w * v)
+        np.add.at(den, g, w)
+        np.add.at(num1, g, v)
+        np.add.at(den1, g, ok.astype(np.float64))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        var = np.where(den > 0, num / den, num1 / den1)
+    return np.sqrt(var).astype(np.float32)
+
+
+def reference_lsf(disp, wave: NDArray, *, percentile: float = 1.0,  # noqa: ANN001
+                  max_visits: int = 8192) -> NDArray[np.float64]:
+    """The reference LSF σ_ref (P,), in pixels of ``wave``, that an emulator trained
+    through the LSF operator predicts at: per pixel the ``percentile`` of the visits'
+    DISP (:func:`mastar_vac.lsf.reference_sigma`, which says why so low). ``disp`` is
+    the cube's (visit, wave) DISP in Å (numpy, or xarray/dask: read in chunks); at most
+    ``max_visits`` visits, evenly spaced, are read — the 1st percentile of 8,192 visits
+    is determined to well under a per cent of σ, and the whole DR17 cube's DISP is 1 GB.
+    A pixel where no visit has a usable DISP is interpolated from its neighbours; a cube
+    with none at all is refused."""
+    from .lsf import reference_sigma, sigma_to_pixels
+
+    n = disp.shape[0]
+    take = np.unique(np.linspace(0, n - 1, min(n, max_visits)).round().astype(np.int64)) if n else np.array([], int)
+    d = disp.isel(visit=take) if hasattr(disp, "isel") else np.asarray(disp)[take]
+    s = sigma_to_pixels(np.asarray(d, np.float64), wave)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels: handled below
+        ref = reference_sigma(s, percentile) if len(s) else np.full(len(wave), np.nan)
+    ok = np.isfinite(ref) & (ref > 0)
+    if not ok.any():
+        raise ValueError("no visit has a usable DISP (LSF σ > 0): the reference LSF for [fit] lsf = 'forward' "
+                         "cannot be set; use lsf = 'ignore'")
+    if not ok.all():
+        idx = np.arange(len(ref))
+        ref = np.interp(idx, idx[ok], ref[ok])
+    return ref
+
+
 @dataclass
 class ReferenceSet:
     """Co-added reference spectra with labels (and where they came from)."""
@@ -177,27 +242,45 @@ class ReferenceSet:
     snr: NDArray[np.float64]  # median S/N per pixel of the co-add
     apogee_id: NDArray[np.str_] = field(default_factory=lambda: np.array([], str))
     cut_report: dict[str, int] = field(default_factory=dict)
+    # Each spectrum's LSF σ (n, P) in pixels of ``wave``: for a co-add the ivar-weighted
+    # mean of its visits' σ² per pixel (the variance of the co-added line profile), for a
+    # synthetic spectrum the σ it was convolved to; empty (0, P) where not recorded.
+    lsf_sigma: NDArray[np.float32] = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    # The reference LSF σ_ref (P,) in pixels, for training through the LSF operator
+    # ([fit] lsf = "forward"): the 1st percentile of the cube's visits; empty when not set.
+    lsf_sigma_ref: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def has_lsf(self) -> bool:
+        """Whether every spectrum's LSF σ is recorded."""
+        return self.lsf_sigma.shape == self.flux.shape
 
     def subset(self, idx: NDArray) -> ReferenceSet:
         return ReferenceSet(self.label_names, self.labels[idx], self.flux[idx], self.ivar[idx], self.wave,
                             self.ids[idx], self.source[idx], self.n_visits[idx], self.snr[idx],
                             self.apogee_id[idx] if len(self.apogee_id) == len(self) else self.apogee_id,
-                            dict(self.cut_report))
+                            dict(self.cut_report),
+                            self.lsf_sigma[idx] if self.has_lsf else self.lsf_sigma, self.lsf_sigma_ref)
 
     def concat(self, other: ReferenceSet) -> ReferenceSet:
         if other.label_names != self.label_names or len(other.wave) != len(self.wave):
             raise ValueError("reference sets differ in labels or wavelength grid")
         aid = np.concatenate([self.apogee_id if len(self.apogee_id) == len(self) else np.full(len(self), ""),
                               other.apogee_id if len(other.apogee_id) == len(other) else np.full(len(other), "")])
+        # the LSF σ is kept when both record it (else neither: a set without it is not
+        # half-known), and σ_ref is this set's
+        lsf_sigma = (np.concatenate([self.lsf_sigma, other.lsf_sigma]) if self.has_lsf and other.has_lsf
+                     else np.zeros((0, 0), np.float32))
         return ReferenceSet(self.label_names, np.concatenate([self.labels, other.labels]),
                             np.concatenate([self.flux, other.flux]), np.concatenate([self.ivar, other.ivar]),
                             self.wave, np.concatenate([self.ids, other.ids]),
                             np.concatenate([self.source, other.source]),
                             np.concatenate([self.n_visits, other.n_visits]), np.concatenate([self.snr, other.snr]),
-                            aid, {**self.cut_report, **{f"synthetic_{k}": v for k, v in other.cut_report.items()}})
+                            aid, {**self.cut_report, **{f"synthetic_{k}": v for k, v in other.cut_report.items()}},
+                            lsf_sigma, self.lsf_sigma_ref if len(self.lsf_sigma_ref) else other.lsf_sigma_ref)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         from .io.atomic import atomic_path
@@ -209,7 +292,8 @@ class ReferenceSet:
                          ivar=self.ivar, wave=self.wave, ids=self.ids, source=self.source, n_visits=self.n_visits,
                          snr=self.snr, apogee_id=self.apogee_id,
                          cut_names=np.array(list(self.cut_report), dtype=str),
-                         cut_counts=np.array(list(self.cut_report.values()), dtype=np.int64))
+                         cut_counts=np.array(list(self.cut_report.values()), dtype=np.int64),
+                         lsf_sigma=self.lsf_sigma, lsf_sigma_ref=self.lsf_sigma_ref)
         return path
 
     @classmethod
@@ -221,7 +305,10 @@ class ReferenceSet:
             raise InputFileError(path, f"not a readable reference set ({exc})") from None
         return cls([str(x) for x in d["label_names"]], d["labels"], d["flux"], d["ivar"], d["wave"], d["ids"],
                    d["source"], d["n_visits"], d["snr"], d["apogee_id"],
-                   dict(zip([str(x) for x in d["cut_names"]], [int(x) for x in d["cut_counts"]])))
+                   dict(zip([str(x) for x in d["cut_names"]], [int(x) for x in d["cut_counts"]])),
+                   # sets saved before the LSF was recorded have neither
+                   np.asarray(d.get("lsf_sigma", np.zeros((0, 0))), np.float32),
+                   np.asarray(d.get("lsf_sigma_ref", np.zeros(0)), np.float64))
 
 
 def _log_cut(report: dict[str, int], name: str, n: int, what: str = "stars") -> None:
@@ -325,6 +412,8 @@ def build_reference_set(cube, allstar: pd.DataFrame, gaia_xmatch: pd.DataFrame |
     nf = cube["norm_flux"].isel(visit=vidx).values
     ni = cube["norm_ivar"].isel(visit=vidx).values
     flux, ivar = coadd(nf, ni, groups, len(m))
+    lsf_sigma = coadd_lsf(cube["disp"].isel(visit=vidx) if "disp" in cube else None, ni, groups, len(m),
+                          cube["wave"].values)
     n_vis = np.bincount(groups, minlength=len(m))
     with np.errstate(invalid="ignore"):
         sn = np.where(ivar > 0, flux * np.sqrt(ivar), np.nan)
@@ -336,7 +425,7 @@ def build_reference_set(cube, allstar: pd.DataFrame, gaia_xmatch: pd.DataFrame |
         ids=m["MANGAID"].to_numpy().astype(str), source=np.full(len(m), "empirical"), n_visits=n_vis,
         snr=snr, apogee_id=(m["AP_APOGEE_ID"].to_numpy().astype(str) if "AP_APOGEE_ID" in m
                             else np.full(len(m), "")),
-        cut_report=report,
+        cut_report=report, lsf_sigma=lsf_sigma,
     )
 
 
@@ -356,10 +445,12 @@ def find_label_outliers(emu, ref: ReferenceSet, *, ratio: float, fit_config=None
     # the ratio compares χ² under the pixel noise alone (the emulator-error weighting
     # would shrink both χ² of a mislabelled star towards the emulator's own error)
     cfg = replace(fit_config or FitConfig(), emulator_error=False)
-    res = fit_spectra(emu, ref.flux, ref.ivar, starts=ref.labels, config=cfg)
+    # the forward model, as the build's fit: each spectrum's model broadened to its LSF
+    sig = ref.lsf_sigma if cfg.lsf == "forward" else None
+    res = fit_spectra(emu, ref.flux, ref.ivar, starts=ref.labels, config=cfg, lsf_sigma=sig)
     w = _effective_weights(emu, ref.flux, ref.ivar, cfg)
     lo, hi = cfg.bounds_for(emu.label_names)
-    model = emu.predict(np.clip(ref.labels, lo, hi))
+    model = emu.predict(np.clip(ref.labels, lo, hi), sig)
     chi2_ref = (w * (np.asarray(ref.flux, np.float64) - model) ** 2).sum(1)
     with np.errstate(divide="ignore", invalid="ignore"):
         r = chi2_ref / res.chi2

@@ -110,7 +110,13 @@ def build_report(ctx: StageContext) -> tuple[Path, Path]:
         lab = np.column_stack([vac[{"TEFF": "TEFF", "LOGG": "LOGG", "FE_H": "FEH", "M_H": "FEH", "ALPHA_FE": "ALPHA",
                                     "ALPHA_M": "ALPHA", "LOG10_VMICRO": "VMICRO"}[n]].to_numpy()[rows]
                                for n in emu.label_names])
-        model = np.where(emu.pixel_mask[None, :], emu.predict(lab), np.nan)  # only where the emulator is trained
+        # with lsf = "forward" the model shown is the one fitted: broadened to the visit's DISP
+        sig = None
+        if ctx.cfg.fit.lsf == "forward" and emu.lsf_sigma_ref is not None:
+            from .fit import disp_to_pixels
+
+            sig = disp_to_pixels(cube["disp"].isel(visit=rows).values, emu.wave)
+        model = np.where(emu.pixel_mask[None, :], emu.predict(lab, sig), np.nan)  # only where the emulator is trained
         captions = [f"{vac['MANGAID'].iloc[i]} MJD {vac['MJD'].iloc[i]}: Teff {vac['TEFF'].iloc[i]:.0f} K, "
                     f"log g {vac['LOGG'].iloc[i]:.2f}, [Fe/H] {vac['FEH'].iloc[i]:+.2f}, "
                     f"reduced χ² {vac['CHISQ'].iloc[i]:.2f}" for i in rows]

@@ -140,7 +140,7 @@ class StageContext:
         key = stage_key(cube=self.keys["cube"], allstar=file_fingerprint(c.inputs.allstar),
                         gaia=file_fingerprint(c.inputs.gaia_xmatch), reference=c.reference,
                         labels=c.emulator.labels, synthetic_grid=grid_id,
-                        synthetic=c.synthetic if sgrid else None)
+                        synthetic=c.synthetic if sgrid else None, lsf=c.fit.lsf, version=2)
         self.keys["reference"] = key
         if is_current(self.reference_path, key):
             return "reused", self._reference_detail()
@@ -156,6 +156,17 @@ class StageContext:
             raise InputFileError(c.inputs.allstar, f"only {len(ref)} reference stars survive the match and cuts "
                                  f"({ref.cut_report}); at least 10 are needed to train",
                                  expected="APOGEE stars with valid labels among the MaStar targets")
+        # the LSF an emulator trained through the LSF operator predicts at (and the
+        # synthetic spectra's, with [synthetic] lsf_sigma = "reference")
+        if c.fit.lsf == "forward" or (sgrid is not None and c.synthetic.lsf_sigma == "reference"):
+            from .reference import reference_lsf
+
+            try:
+                ref.lsf_sigma_ref = reference_lsf(cube["disp"], cube["wave"].values)
+            except ValueError as exc:
+                raise InputFileError(self.cube_path, str(exc)) from None
+            log.info("reference LSF σ_ref: the 1st percentile of the visits' DISP, %.2f–%.2f pixels",
+                     float(ref.lsf_sigma_ref.min()), float(ref.lsf_sigma_ref.max()))
         if sgrid is not None:
             from .io.ferre import read_ferre
             from .synthetic import synthetic_extension, target_lsf
@@ -167,7 +178,10 @@ class StageContext:
             else:
                 grid_path = sgrid
             grid = read_ferre(grid_path)
-            synth = synthetic_extension(ref, grid, lsf_sigma_aa=target_lsf(c.synthetic, cube["disp"]),
+            sref_aa = (ref.lsf_sigma_ref * cube["wave"].values * np.gradient(np.log(cube["wave"].values))
+                       if len(ref.lsf_sigma_ref) else None)  # σ_ref back to Å
+            target = target_lsf(c.synthetic, cube["disp"], fit_lsf=c.fit.lsf, sigma_ref_aa=sref_aa)
+            synth = synthetic_extension(ref, grid, lsf_sigma_aa=target,
                                         config=c.synthetic, window=c.normalize.window,
                                         min_count=c.normalize.min_count)
             log.info("theoretical extension: %d synthetic spectra from %s", len(synth), grid_path)
@@ -207,7 +221,11 @@ class StageContext:
                                            outlier_chi2_ratio=c.reference.outlier_chi2_ratio, progress=self.progress)
         emu = trained.result.emulator
         clean, split = trained.reference, trained.split
-        diag = emulator_diagnostic(emu, clean.labels, clean.flux, clean.ivar, split, source=clean.source)
+        # an emulator trained through the LSF operator predicts at σ_ref: its model is
+        # broadened to each spectrum's LSF before it is compared
+        sig = clean.lsf_sigma if emu.lsf_sigma_ref is not None else None
+        diag = emulator_diagnostic(emu, clean.labels, clean.flux, clean.ivar, split, source=clean.source,
+                                   lsf_sigma=sig)
         emu.metrics["diagnostic"] = diag
         log.info("emulator accuracy (fraction of pixels within 2%% / 4%%):\n%s", format_diagnostic(diag))
         d = self.training_dir
@@ -222,7 +240,7 @@ class StageContext:
         for name, idx in split.items():
             idx = idx[clean.source[idx] == "empirical"]
             if len(idx):
-                sets[name] = (emu.predict(clean.labels[idx]), clean.flux[idx],
+                sets[name] = (emu.predict(clean.labels[idx], None if sig is None else sig[idx]), clean.flux[idx],
                               (clean.ivar[idx] > 0) & emu.pixel_mask[None, :])
         plot_emulator_diagnostic(sets, d / "emulator_diagnostic.png")
         save_emulator(emu, self.emulator_path)
@@ -326,8 +344,12 @@ class StageContext:
         mid = cube["mangaid"].values.astype(str)
         vsel, vis_ref = visits_of(mid, ids, ref.labels[idx])
         if len(vsel):
+            from .fit import disp_to_pixels
+
+            vsig = disp_to_pixels(cube["disp"].isel(visit=vsel).values, emu.wave) if c.fit.lsf == "forward" else None
             vt, vdf = validate_visits(emu, cube["norm_flux"].isel(visit=vsel).values,
-                                      cube["norm_ivar"].isel(visit=vsel).values, vis_ref, config=c.fit)
+                                      cube["norm_ivar"].isel(visit=vsel).values, vis_ref, config=c.fit,
+                                      lsf_sigma=vsig)
             vflag = np.isin(mid[vsel], list(flagged_ids))
             vdf.insert(0, "MANGAID", mid[vsel])
             vdf.insert(1, "VISIT_INDEX", vsel)
@@ -346,7 +368,7 @@ class StageContext:
                                            f"(kept above; catalogue labels likely wrong)"))
         # 2. the co-adds at a fixed S/N, comparable between runs
         table, df = validate_fit(emu, ref.labels[idx], ref.flux[idx], ref.ivar[idx], config=c.fit, snr=50.0,
-                                 seed=c.run.seed)
+                                 seed=c.run.seed, lsf_sigma=ref.lsf_sigma[idx] if ref.has_lsf else None)
         df.insert(0, "MANGAID", ids)
         df["OUTLIER_FLAGGED"] = flagged
         df.to_csv(d / "validation_snr50.csv", index=False)

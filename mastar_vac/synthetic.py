@@ -114,7 +114,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-LSF_SOURCES = ("median", "mastarhc")
+LSF_SOURCES = ("auto", "median", "reference", "mastarhc")
 VSINI_DRAWS = ("uniform", "choice")
 SCALES = ("linear", "log10")
 
@@ -142,7 +142,12 @@ class SyntheticConfig:
     grid_defaults: dict[str, float] = field(default_factory=dict)
     snr: float | None = None  # None: noise-free, ivar at noise_free_snr
     noise_free_snr: float = 500.0
-    lsf_sigma: str = "median"  # "median": median DISP of the cube; "mastarhc": median SRES of MaStarHC
+    # the LSF the synthetic spectra are convolved to. "median": the median DISP of the
+    # cube (the paper); "reference": the emulator's reference LSF σ_ref, the 1st
+    # percentile of the visits (training through the LSF operator, issue 14);
+    # "mastarhc": the median SRES of MaStarHC; "auto": "reference" with [fit] lsf =
+    # "forward", else "median". Every synthetic spectrum records the σ it was given.
+    lsf_sigma: str = "auto"
     target_pixelized: bool = True  # the target σ is post-pixelization (MaStar DISP); False: pre-pixel
     metals_jitter: float = 0.125  # dex; uniform shift of the isochrone [M/H] (PARSEC steps 0.25)
     isochrones: str = "parsec_v1.25"
@@ -697,7 +702,8 @@ def _empty(label_names: Sequence[str], wave: NDArray[np.float64], report: dict[s
     P = wave.size
     return ReferenceSet(list(label_names), np.empty((0, len(label_names))), np.empty((0, P), np.float32),
                         np.empty((0, P), np.float32), wave, np.array([], str), np.array([], str),
-                        np.array([], np.int64), np.array([], np.float64), np.array([], str), report)
+                        np.array([], np.int64), np.array([], np.float64), np.array([], str), report,
+                        lsf_sigma=np.empty((0, P), np.float32))  # "recorded" for none: concat keeps the others'
 
 
 def make_synthetic_reference(grid: FerreGrid, n: int, label_names: Sequence[str], *,
@@ -825,7 +831,8 @@ def make_synthetic_reference(grid: FerreGrid, n: int, label_names: Sequence[str]
         label_names=list(label_names), labels=labels, flux=nflux, ivar=nivar, wave=w_out,
         ids=np.array([f"synth-{i + 1:05d}" for i in range(m)]), source=np.full(m, "synthetic"),
         n_visits=np.zeros(m, np.int64), snr=np.full(m, float(snr)), apogee_id=np.full(m, ""),
-        cut_report=report)
+        cut_report=report,
+        lsf_sigma=np.broadcast_to(lsf.sigma_to_pixels(sig_out, w_out).astype(np.float32), (m, w_out.size)).copy())
 
 
 def synthetic_extension(empirical: ReferenceSet, grid: FerreGrid, *, lsf_sigma_aa: ArrayLike,
@@ -902,10 +909,20 @@ def median_mastar_lsf(cube_disp: Any, *, visit_dim: str = "visit") -> NDArray[np
     return med
 
 
-def target_lsf(config: SyntheticConfig, cube_disp: Any = None) -> NDArray[np.float64]:
-    """The target σ (Å) per MaStar pixel that ``config.lsf_sigma`` asks for."""
-    if config.lsf_sigma == "mastarhc":
+def target_lsf(config: SyntheticConfig, cube_disp: Any = None, *, fit_lsf: str = "ignore",
+               sigma_ref_aa: ArrayLike | None = None) -> NDArray[np.float64]:
+    """The target σ (Å) per MaStar pixel that ``config.lsf_sigma`` asks for; ``fit_lsf``
+    is ``[fit] lsf`` (it decides "auto"), ``sigma_ref_aa`` the reference LSF in Å (for
+    "reference")."""
+    source = config.lsf_sigma
+    if source == "auto":
+        source = "reference" if fit_lsf == "forward" else "median"
+    if source == "mastarhc":
         return mastarhc_lsf_sigma()
+    if source == "reference":
+        if sigma_ref_aa is None:
+            raise ValueError("lsf_sigma = 'reference' needs the reference LSF (sigma_ref_aa)")
+        return np.asarray(sigma_ref_aa, np.float64)
     if cube_disp is None:
         raise ValueError("lsf_sigma = 'median' needs the cube's DISP")
     return median_mastar_lsf(cube_disp)

@@ -13,6 +13,11 @@
    The validation stage reports them separately as well as with the rest.
 4. The final emulator is trained on the cleaned training part, warm-started from the
    first one (same label scaling; ``TrainConfig.warm_fraction`` of its schedule).
+
+With ``[fit] lsf = "forward"`` both emulators are trained through the LSF operator
+(:func:`mastar_vac.emulator.train_emulator`): the reference set then records each
+spectrum's LSF and the reference LSF σ_ref, and the outlier fit uses the same forward
+model as the build's fit.
 """
 
 from __future__ import annotations
@@ -74,13 +79,20 @@ def train_reference_emulator(ref: ReferenceSet, *, train_config: TrainConfig, fi
     """Split, train, reject label outliers, retrain (see the module docstring)."""
     if len(ref) < 10:
         raise ValueError(f"the reference set has {len(ref)} spectra; at least 10 are needed to train")
+    forward = fit_config.lsf == "forward"
+    if forward and not (ref.has_lsf and len(ref.lsf_sigma_ref) == len(ref.wave)):
+        raise ValueError("[fit] lsf = 'forward' trains the emulator through the LSF operator, and this reference "
+                         "set records no LSF per spectrum or no reference LSF σ_ref (made by an older version, or "
+                         "from a cube without DISP): build the reference stage again")
     split = reference_split(ref, train_config)
     log.info("split: %d train, %d test, %d validation", *(len(split[k]) for k in ("train", "test", "validation")))
 
     def train(r: ReferenceSet, s: dict[str, NDArray[np.int64]], init: TrainResult | None = None) -> TrainResult:
         res = train_emulator(r.labels, r.flux, r.ivar, label_names=r.label_names, wave=r.wave,
                              config=train_config, split=s, progress=progress,
-                             init=None if init is None else init.emulator)
+                             init=None if init is None else init.emulator,
+                             lsf_sigma=r.lsf_sigma if forward else None,
+                             lsf_sigma_ref=r.lsf_sigma_ref if forward else None)
         # the training labels are the fit's start grid (DESIGN.md: "starts matter more")
         res.emulator.config["start_grid"] = r.labels[s["train"]].tolist()
         return res

@@ -144,18 +144,20 @@ def format_table1(res: Mapping[str, Any], label_names: Sequence[str], title: str
 
 
 def validate_fit(emu: Emulator, labels: NDArray, flux: NDArray, ivar: NDArray, *,
-                 config: FitConfig = FitConfig(), snr: float = 50.0, seed: int = 0) -> tuple[dict, pd.DataFrame]:
-    """Fit held-out spectra degraded to ``snr`` and compare with their reference labels."""
+                 config: FitConfig = FitConfig(), snr: float = 50.0, seed: int = 0,
+                 lsf_sigma: NDArray | None = None) -> tuple[dict, pd.DataFrame]:
+    """Fit held-out spectra degraded to ``snr`` and compare with their reference labels
+    (``lsf_sigma``: each spectrum's LSF σ in pixels, for ``config.lsf = "forward"``)."""
     f, iv, achieved = degrade_to_snr(flux, ivar, snr, seed=seed)
-    return _fit_and_compare(emu, f, iv, labels, achieved, config)
+    return _fit_and_compare(emu, f, iv, labels, achieved, config, lsf_sigma)
 
 
 def _fit_and_compare(emu: Emulator, flux: NDArray, ivar: NDArray, reference_labels: NDArray, snr: NDArray,
-                     config: FitConfig) -> tuple[dict, pd.DataFrame]:
+                     config: FitConfig, lsf_sigma: NDArray | None = None) -> tuple[dict, pd.DataFrame]:
     """Fit, then Table 1 against ``reference_labels`` and one row per spectrum (its S/N
     ``snr``, status, χ², reference, fitted labels and errors)."""
     reference_labels = np.asarray(reference_labels, np.float64)
-    res = fit_spectra(emu, flux, ivar, config=config)
+    res = fit_spectra(emu, flux, ivar, config=config, lsf_sigma=lsf_sigma if config.lsf == "forward" else None)
     table = label_residuals(res.labels, reference_labels, emu.label_names)
     table["median_snr"] = float(np.nanmedian(snr)) if len(snr) else float("nan")
     df = pd.DataFrame({"snr": snr, "status": res.status, "chi2_red": res.chi2_red})
@@ -178,11 +180,12 @@ def visits_of(visit_ids: NDArray, star_ids: NDArray, star_labels: NDArray) -> tu
 
 
 def validate_visits(emu: Emulator, flux: NDArray, ivar: NDArray, reference_labels: NDArray, *,
-                    config: FitConfig = FitConfig()) -> tuple[dict, pd.DataFrame]:
+                    config: FitConfig = FitConfig(), lsf_sigma: NDArray | None = None) -> tuple[dict, pd.DataFrame]:
     """Fit individual visits as observed (their own S/N) and compare with the labels of
     the star each belongs to (``reference_labels``, one row per visit).
 
     Visits the fitter cannot use (no data, χ² beyond ``chi2_fail``, an error) come back
-    with NaN labels and count as catastrophic failures in the table.
+    with NaN labels and count as catastrophic failures in the table. ``lsf_sigma``: each
+    visit's LSF σ in pixels (its DISP), for ``config.lsf = "forward"``.
     """
-    return _fit_and_compare(emu, flux, ivar, reference_labels, median_snr(flux, ivar), config)
+    return _fit_and_compare(emu, flux, ivar, reference_labels, median_snr(flux, ivar), config, lsf_sigma)

@@ -153,3 +153,55 @@ def test_build_with_a_synthetic_grid_adds_the_theoretical_extension(tmp_path):
     assert synth.sum() == 15 and (~synth).sum() > 10
     assert (ref.labels[synth, 0] > 6000).all()
     assert np.isfinite(ref.flux[synth]).all()
+
+
+def test_build_with_the_lsf_forward_model_trains_and_fits_through_the_operator(tmp_path):
+    """Issue 14 end to end: with [fit] lsf = "forward" the reference set records each
+    co-add's LSF and σ_ref, the emulator is trained through the operator and records
+    σ_ref, the synthetic extension is convolved to σ_ref ("auto"), and every visit is
+    fitted with its own DISP; the VAC header says which."""
+    import numpy as np
+    from astropy.io import fits
+
+    from mastar_vac.emulator import load_emulator
+    from mastar_vac.lsf import sigma_to_pixels
+    from mastar_vac.reference import ReferenceSet
+
+    from .test_synthetic import analytic
+
+    x0, npix = np.log10(3600.0), 4000
+    step = (np.log10(10400.0) - x0) / (npix - 1)
+    lam = 10 ** (x0 + step * np.arange(npix))
+    axes = [(6000.0, 1000.0, 7), (3.0, 0.5, 5), (-1.0, 0.5, 4)]
+    mesh = np.meshgrid(*[lo + st * np.arange(k) for lo, st, k in axes], indexing="ij")
+    from mastar_vac.io.ferre import write_ferre
+
+    grid = write_ferre(tmp_path / "f_demo", {
+        "flux": analytic(lam, *mesh, 0.0, 0.1).astype(np.float32), "llimits": [a[0] for a in axes],
+        "steps": [a[1] for a in axes], "labels": ["TEFF", "LOGG", "METALS"],
+        "header": {"WAVE": [x0, step], "LOGW": 1, "VACUUM": 0, "RESOLUTION": 10000.0}}, binary=True)
+    cfg = _config(tmp_path)
+    text = cfg.read_text().replace("demo = true", f"demo = true\nsynthetic_grid = '{grid}'")
+    text = text.replace("[fit]\n", "[fit]\nlsf = \"forward\"\n")
+    cfg.write_text(text + "\n[synthetic]\nn_spectra = 10\n")
+    env = dict(os.environ, MASTAR_VAC_CACHE=str(tmp_path / "cache"), MASTAR_VAC_PROGRESS="0")
+    proc = subprocess.run([sys.executable, "-m", "mastar_vac.build", "--config", str(cfg)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "out"
+    ref = ReferenceSet.load(out / "reference" / "reference_set.npz")
+    assert ref.has_lsf and len(ref.lsf_sigma_ref) == len(ref.wave)
+    emp, synth = ref.source == "empirical", ref.source == "synthetic"
+    assert synth.sum() == 10
+    # every co-add is at least as broad as σ_ref nearly everywhere; the synthetic ones are at σ_ref
+    ok = np.isfinite(ref.lsf_sigma[emp])
+    assert (ref.lsf_sigma[emp][ok] >= ref.lsf_sigma_ref[None, :].repeat(emp.sum(), 0)[ok] * 0.999).mean() > 0.95
+    np.testing.assert_allclose(ref.lsf_sigma[synth], np.broadcast_to(ref.lsf_sigma_ref, (10, len(ref.wave))),
+                               rtol=1e-5)
+    emu = load_emulator(out / "emulator")
+    np.testing.assert_allclose(emu.lsf_sigma_ref, ref.lsf_sigma_ref)
+    assert emu.lsf_sigma_ref.min() > 0 and np.all(np.isfinite(sigma_to_pixels(1.0, ref.wave)))
+    with fits.open(out / "catalog" / "mastar_vac_params.fits") as h:
+        assert h[0].header["LSFMODE"] == "forward"
+        assert len(h[1].data) > 0
+    assert (out / "validation" / "table1.json").exists()

@@ -307,3 +307,126 @@ def test_vac_header_records_the_lsf_mode(tmp_path):
         assert a[0].header["LSFMODE"] == "forward" and a[1].header["LSFMODE"] == "forward"
         assert b[0].header["LSFMODE"] == "ignore"
         assert json.loads(a[0].header["CONFIG"])["fit"]["lsf"] == "forward"
+
+
+# --- training through the operator (issue 14, point 2) --------------------------------
+
+def _lsf_training_set(n: int = 240, P: int = 300, seed: int = 3):
+    """Spectra of one label t ∈ [0, 1]: lines whose depth grows with t, given at a
+    reference LSF of 0.7 px (the "sharp" truth) and observed broadened by a differential
+    kernel of σ_k up to 1.2 px (σ_visit from 1 to 2 × σ_ref, per spectrum)."""
+    rng = np.random.default_rng(seed)
+    wave = mastar_wavelength()[1000:1000 + P]
+    ref = np.full(P, 0.7)
+    x = np.arange(P)
+    centres = np.arange(25, P - 25, 17)
+    t = rng.uniform(0, 1, n)
+
+    def sharp(tt):
+        prof = np.exp(-0.5 * ((x[None, :] - centres[:, None]) / 0.7) ** 2).sum(0)
+        return 1.0 - (0.15 + 0.5 * np.asarray(tt)[:, None]) * prof[None, :]
+
+    f = rng.uniform(1.0, 2.0, n)
+    sig = f[:, None] * ref[None, :]
+    sk = np.sqrt(sig**2 - ref**2)
+    obs = np.stack([lsf.broaden(s, k) for s, k in zip(sharp(t), sk)])
+    return wave, ref, t[:, None], sharp, sig, obs
+
+
+def test_training_through_the_lsf_operator_learns_the_sharp_spectrum():
+    from mastar_vac.emulator import TrainConfig, train_emulator
+
+    wave, ref, t, sharp, sig, obs = _lsf_training_set()
+    ivar = np.full(obs.shape, 1e4, np.float32)
+    cfg = TrainConfig(labels=("X",), hidden=32, log_labels=(), batch_size=32, lr_schedule="cosine",
+                      cosine_epochs=300, edge_pixels=5, error_floor=0.01, pixel_error_teff_edges=(), seed=1)
+    split = {"train": np.arange(200), "test": np.arange(200, 240), "validation": np.array([], np.int64)}
+    kw = dict(label_names=["X"], wave=wave, config=cfg, split=split, progress=False)
+    fwd = train_emulator(t, obs, ivar, lsf_sigma=sig, lsf_sigma_ref=ref, **kw).emulator
+    plain = train_emulator(t, obs, ivar, **kw).emulator
+    np.testing.assert_array_equal(fwd.lsf_sigma_ref, ref)  # the artifact records σ_ref
+    assert plain.lsf_sigma_ref is None
+    te = split["test"]
+    m = fwd.pixel_mask
+    # broadened to each held-out spectrum's own LSF, the forward emulator reproduces it;
+    # the plain one can only give one compromise resolution for all of them
+    r_fwd = np.abs(fwd.predict(t[te], sig[te]) - obs[te])[:, m]
+    r_plain = np.abs(plain.predict(t[te]) - obs[te])[:, m]
+    assert np.median(r_fwd.max(1)) < 0.5 * np.median(r_plain.max(1)), (r_fwd.max(1).mean(), r_plain.max(1).mean())
+    # and its own output is the spectrum at σ_ref: sharper than any spectrum it saw
+    truth = sharp(t[te, 0])
+    assert np.abs(fwd.predict(t[te]) - truth)[:, m].max(1).mean() < 0.5 * np.abs(obs[te] - truth)[:, m].max(1).mean()
+    # the emulator error table is measured against the broadened model too
+    assert fwd.pixel_error[0][m].mean() < plain.pixel_error[0][m].mean()
+    # the plain emulator's output has no definite LSF: it cannot be broadened to a visit's
+    with pytest.raises(ValueError, match="no reference LSF"):
+        plain.predict(t[te], sig[te])
+    with pytest.raises(ValueError, match="lsf_sigma_ref"):
+        train_emulator(t, obs, ivar, lsf_sigma=sig, **kw)
+
+
+def test_coadd_lsf_is_the_weighted_second_moment_and_reference_lsf_a_low_percentile():
+    from mastar_vac.reference import coadd_lsf, reference_lsf
+
+    wave = mastar_wavelength()
+    px = wave * np.gradient(np.log(wave))  # Å per pixel
+    disp = np.stack([1.0 * px, 2.0 * px, 3.0 * px])  # σ = 1, 2, 3 pixels
+    ivar = np.stack([np.full(P, 1.0), np.full(P, 3.0), np.zeros(P)])
+    ivar[0, :10] = 0.0  # no weight anywhere in the first 10 pixels of star 0: the plain mean
+    ivar[1, :10] = 0.0
+    s = coadd_lsf(disp, ivar, np.array([0, 0, 1]), 2, wave)
+    np.testing.assert_allclose(s[0, 10:], np.sqrt((1 * 1 + 3 * 4) / 4), rtol=1e-6)
+    np.testing.assert_allclose(s[0, :10], np.sqrt((1 + 4) / 2), rtol=1e-6)
+    np.testing.assert_allclose(s[1], 3.0, rtol=1e-6)  # a star with no weight at all: its visit's σ
+    assert np.isnan(coadd_lsf(None, ivar, np.array([0, 0, 1]), 2, wave)).all()
+    rng = np.random.default_rng(0)
+    d = px[None, :] * rng.uniform(0.8, 1.2, (500, 1))
+    d[:, 100] = np.nan  # no usable DISP at one pixel: interpolated
+    r = reference_lsf(d, wave, percentile=1.0)
+    assert np.isfinite(r).all() and 0.8 <= r.min() and r.max() < 0.82
+    with pytest.raises(ValueError, match="no visit has a usable DISP"):
+        reference_lsf(np.zeros((3, P)), wave)
+
+
+def test_reference_set_keeps_the_lsf_through_save_subset_and_concat(tmp_path):
+    from mastar_vac.reference import ReferenceSet
+
+    wave = mastar_wavelength()[:50]
+    n = 4
+
+    def make(src: str, with_lsf: bool = True) -> ReferenceSet:
+        return ReferenceSet(["TEFF"], np.full((n, 1), 5000.0), np.ones((n, 50), np.float32),
+                            np.ones((n, 50), np.float32), wave, np.array([f"{src}{i}" for i in range(n)]),
+                            np.full(n, src), np.ones(n, np.int64), np.full(n, 50.0),
+                            lsf_sigma=(np.arange(n * 50, dtype=np.float32).reshape(n, 50) if with_lsf
+                                       else np.zeros((0, 0), np.float32)),
+                            lsf_sigma_ref=np.full(50, 0.7) if src == "empirical" else np.zeros(0))
+
+    a = make("empirical")
+    back = ReferenceSet.load(a.save(tmp_path / "r.npz"))
+    np.testing.assert_array_equal(back.lsf_sigma, a.lsf_sigma)
+    np.testing.assert_array_equal(back.lsf_sigma_ref, a.lsf_sigma_ref)
+    np.testing.assert_array_equal(a.subset(np.array([2, 0])).lsf_sigma, a.lsf_sigma[[2, 0]])
+    both = a.concat(make("synthetic"))
+    assert both.has_lsf and len(both.lsf_sigma) == 2 * n and len(both.lsf_sigma_ref) == 50
+    assert not a.concat(make("synthetic", with_lsf=False)).has_lsf  # not half-known
+
+
+def test_training_operator_matches_the_fit_operator_and_has_exact_gradients():
+    from mastar_vac.emulator import broaden_band_torch
+
+    rng = np.random.default_rng(0)
+    n_pix = 200
+    mask = np.ones(n_pix, bool)
+    mask[:7] = mask[90:95] = mask[-4:] = False  # unmodelled ends and a gap: the rel mapping
+    k = lsf.band_kernels(rng.uniform(0.8, 1.6, (3, n_pix)), np.full(n_pix, 0.7), mask)
+    pix = np.flatnonzero(mask)
+    y = torch.tensor(rng.normal(size=(3, len(pix))), requires_grad=True)
+    w = torch.tensor(k.weights, dtype=torch.float64)
+    rel = torch.tensor(k.rel)
+    full = np.zeros((3, n_pix))
+    full[:, pix] = y.detach().numpy()
+    out = broaden_band_torch(y, w, k.offsets, rel)
+    np.testing.assert_allclose(out.detach().numpy(), k.apply(full)[:, pix], atol=1e-14)
+    # the backward pass is the operator's exact adjoint
+    assert torch.autograd.gradcheck(lambda yy: broaden_band_torch(yy, w, k.offsets, rel), (y,))

@@ -1,0 +1,222 @@
+"""The paper's §5.1 study: how the catalogue moves with the spectra's resolution.
+
+    python -m mastar_vac.build                                        # lsf = "ignore" (the paper)
+    python -m mastar_vac.build --config pipelines/demo_forward.toml   # lsf = "forward"
+    python -m mastar_vac.studies.resolution                           # the study, on both builds
+
+The library at four homogenized resolutions — the 60th, 75th, 90th and 99.5th
+percentile LSF curves of the visits' DISP, per pixel — as the LSF-homogenized MaStar
+catalogues (``mastar-combspec-…-lsfpercentP.fits``) hold it: for each curve, the visits
+sharper than it at every wavelength, each broadened to it (:func:`mastar_vac.lsf.homogenize`)
+and co-added per star. Each of the four catalogues is then fitted by each build's
+emulator, with that build's ``[fit]`` settings: ``"ignore"`` fits the network's output as
+it is, ``"forward"`` broadens it to the curve. The Figure 14 analogue
+(``resolution.png``): per star present in all four, each catalogue's deviation from the
+star's median over the four, against Teff, per label, for both modes; ``table.txt`` /
+``table.json``: the median |deviation| per label and Teff range, and the median
+deviation per catalogue (the sign says which way a sharper catalogue moves).
+
+A combspec file given as ``[inputs] combspec`` is refused by the build today (its reader
+exists, its layout is unconfirmed: datamodels.md §1.11); this study builds the four
+catalogues from the cube, which is what the real files are made from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+__all__ = ["PERCENTILES", "homogenized_catalogues", "run_study", "main"]
+
+log = logging.getLogger(__name__)
+
+PERCENTILES = (60.0, 75.0, 90.0, 99.5)
+MODES = ("ignore", "forward")
+TEFF_RANGES = (("all", 0.0, np.inf), ("Teff < 6000 K", 0.0, 6000.0), ("Teff > 6000 K", 6000.0, np.inf))
+
+
+def homogenized_catalogues(star_ids: NDArray, flux: NDArray, ivar: NDArray, sigma: NDArray, *,
+                           percentiles: Sequence[float] = PERCENTILES, tolerance: float = 1e-3
+                           ) -> dict[float, dict[str, Any]]:
+    """The per-star spectra at each percentile LSF curve (all σ in pixels).
+
+    ``flux``, ``ivar`` (n, P) normalized visits of stars ``star_ids`` (n,), ``sigma`` (n, P)
+    their LSF σ. For each percentile P the curve is the per-pixel P-th percentile of
+    ``sigma``; the visits no broader than it anywhere (within ``tolerance``, relative)
+    are broadened to it and co-added per star (inverse-variance weights). Returns per P
+    a dict with ``ids`` (stars), ``flux``, ``ivar``, ``curve`` (P,), ``n_visits``."""
+    from ..lsf import homogenize
+    from ..reference import coadd
+
+    sig = np.where(np.isfinite(sigma) & (sigma > 0), sigma, np.nan)
+    usable = np.isfinite(sig).all(axis=1)
+    out: dict[float, dict[str, Any]] = {}
+    for p in percentiles:
+        curve = np.nanpercentile(sig[usable], p, axis=0)
+        sel = np.flatnonzero(usable & (sig <= curve[None, :] * (1 + tolerance)).all(axis=1))
+        f, iv = homogenize(flux[sel], ivar[sel], np.minimum(sig[sel], curve[None, :]), curve)
+        ids, groups = np.unique(np.asarray(star_ids)[sel], return_inverse=True)
+        cf, ci = coadd(f, iv, groups, len(ids))
+        out[p] = {"ids": ids, "flux": cf, "ivar": ci, "curve": curve,
+                  "n_visits": int(len(sel)), "n_visits_total": int(len(sig))}
+        log.info("LSF percentile %g: %d of %d visits sharper than the curve everywhere, %d stars", p, len(sel),
+                 len(sig), len(ids))
+    return out
+
+
+def deviations(fits: dict[float, NDArray]) -> NDArray[np.float64]:
+    """(n_catalogues, n_stars, L): each catalogue's labels minus the star's median over them."""
+    stack = np.stack([fits[p] for p in sorted(fits)])
+    with np.errstate(invalid="ignore"):
+        return stack - np.nanmedian(stack, axis=0, keepdims=True)
+
+
+def run_study(ignore_output: Path, forward_output: Path, *, ignore_config: Any, forward_config: Any,
+              out_dir: Path) -> dict[str, Any]:
+    """Make the four catalogues from the ignore build's cube, fit them with both builds'
+    emulators, write the table and the figure."""
+    from ..emulator import load_emulator
+    from ..fit import disp_to_pixels, fit_spectra
+    from ..io.cube import open_cube
+
+    for need in (ignore_output / "cube.zarr", ignore_output / "emulator", forward_output / "emulator"):
+        if not need.exists():
+            raise SystemExit(f"{need} not found: run both builds first (see `python -m mastar_vac.studies.resolution "
+                             f"--help`)")
+    emus = {"ignore": load_emulator(ignore_output / "emulator"), "forward": load_emulator(forward_output / "emulator")}
+    if emus["forward"].lsf_sigma_ref is None:
+        raise SystemExit(f"{forward_output / 'emulator'} records no reference LSF: it is not a build with "
+                         f"[fit] lsf = 'forward'")
+    fit_cfg = {"ignore": dataclasses.replace(ignore_config.fit, lsf="ignore"),
+               "forward": dataclasses.replace(forward_config.fit, lsf="forward")}
+    cube = open_cube(ignore_output / "cube.zarr")
+    wave = cube["wave"].values
+    sigma = disp_to_pixels(cube["disp"].values, wave)
+    cats = homogenized_catalogues(cube["mangaid"].values.astype(str), cube["norm_flux"].values,
+                                  cube["norm_ivar"].values, sigma)
+    common = sorted(set.intersection(*(set(c["ids"].tolist()) for c in cats.values())))
+    log.info("%d stars are in all four catalogues", len(common))
+    fitted: dict[str, dict[float, NDArray]] = {m: {} for m in MODES}
+    status: dict[str, dict[float, NDArray]] = {m: {} for m in MODES}
+    for p, c in cats.items():
+        rows = np.searchsorted(c["ids"], common)
+        for mode in MODES:
+            lsf_sigma = np.broadcast_to(c["curve"], (len(rows), len(wave))) if mode == "forward" else None
+            res = fit_spectra(emus[mode], c["flux"][rows], c["ivar"][rows], config=fit_cfg[mode], lsf_sigma=lsf_sigma)
+            fitted[mode][p] = res.labels
+            status[mode][p] = res.status
+    names = emus["ignore"].label_names
+    t = names.index("TEFF")
+    summary: dict[str, Any] = {"n_stars": len(common), "percentiles": list(PERCENTILES),
+                               "visits_used": {str(p): c["n_visits"] for p, c in cats.items()},
+                               "n_visits": cats[PERCENTILES[0]]["n_visits_total"], "modes": {}}
+    used = ", ".join(f"{p:g}: {c['n_visits']}" for p, c in cats.items())
+    lines = [f"§5.1: {len(common)} stars in all four LSF-homogenized catalogues (visits used per percentile: "
+             f"{used} of {summary['n_visits']})", "median |deviation from the star's median over the four catalogues|"]
+    lines.append(f"{'mode':<9}{'Teff range':<16}{'N':>5}" + "".join(f"{n:>12}" for n in names))
+    for mode in MODES:
+        dev = deviations(fitted[mode])
+        teff = np.nanmedian(np.stack([fitted[mode][p][:, t] for p in PERCENTILES]), axis=0)
+        ms: dict[str, Any] = {}
+        for rng_name, lo, hi in TEFF_RANGES:
+            sel = (teff >= lo) & (teff < hi)
+            ms[rng_name] = {"n": int(sel.sum()), **{n: float(np.nanmedian(np.abs(dev[:, sel, j])))
+                                                    for j, n in enumerate(names)}}
+            lines.append(f"{mode:<9}{rng_name:<16}{int(sel.sum()):>5}"
+                         + "".join(f"{ms[rng_name][n]:>12.4g}" for n in names))
+        ms["median_deviation_per_catalogue"] = {str(p): {n: float(np.nanmedian(dev[k, :, j])) for j, n in
+                                                         enumerate(names)} for k, p in enumerate(PERCENTILES)}
+        summary["modes"][mode] = ms
+    lines.append("median deviation per catalogue (sharpest first): a trend with the percentile is the LSF's effect")
+    for mode in MODES:
+        for p in PERCENTILES:
+            d = summary["modes"][mode]["median_deviation_per_catalogue"][str(p)]
+            lines.append(f"{mode:<9}{'P' + format(p, 'g'):<16}{'':>5}" + "".join(f"{d[n]:>+12.4g}" for n in names))
+    ratio = {n: summary["modes"]["ignore"]["all"][n] / max(summary["modes"]["forward"]["all"][n], 1e-12)
+             for n in names}
+    summary["spread_ratio_ignore_over_forward"] = ratio
+    lines.append("spread ratio ignore / forward (all stars): "
+                 + ", ".join(f"{n} {r:.2f}×" for n, r in ratio.items()))
+    text = "\n".join(lines)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "table.txt").write_text(text + "\n")
+    (out_dir / "table.json").write_text(json.dumps(summary, indent=1))
+    _figure(out_dir / "resolution.png", fitted, names)
+    print(text)
+    return summary
+
+
+def _figure(path: Path, fitted: dict[str, dict[float, NDArray]], names: Sequence[str]) -> Path:
+    """Figure 14 analogue: deviation from the star's median against Teff, per label, one
+    row per mode, one colour per catalogue."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..plots import _teff_axis, save_figure
+
+    t = list(names).index("TEFF")
+    fig, axes = plt.subplots(len(MODES), len(names), figsize=(4.2 * len(names), 3.2 * len(MODES)), squeeze=False)
+    colours = plt.cm.viridis(np.linspace(0, 0.9, len(PERCENTILES)))
+    devs = {mode: deviations(fitted[mode]) for mode in MODES}
+    for r, mode in enumerate(MODES):
+        dev = devs[mode]
+        teff = np.nanmedian(np.stack([fitted[mode][p][:, t] for p in PERCENTILES]), axis=0)
+        for j, n in enumerate(names):
+            ax = axes[r, j]
+            for k, p in enumerate(PERCENTILES):
+                ax.scatter(teff, dev[k, :, j], s=3, alpha=0.5, color=colours[k], label=f"P{p:g}")
+            ax.axhline(0, color="k", lw=0.5)
+            _teff_axis(ax, teff)
+            # the same scale in both rows: the "ignore" row's spread
+            d0 = devs[MODES[0]][:, :, j]
+            lim = 1.2 * np.nanpercentile(np.abs(d0), 99) if np.isfinite(d0).any() else 1.0
+            ax.set_ylim(-lim, lim)
+            ax.set_title(f"{n}, lsf = {mode!r}", fontsize=9)
+            if r == len(MODES) - 1:
+                ax.set_xlabel("Teff (K), median over the four")
+            if j == 0:
+                ax.set_ylabel("catalogue − star median")
+    axes[0, 0].legend(fontsize=7, markerscale=3)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ..config import load_config
+    from ..errors import MastarVacError
+
+    ap = argparse.ArgumentParser(prog="python -m mastar_vac.studies.resolution", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", type=Path, default=None, help="the lsf = 'ignore' build's configuration (demo.toml)")
+    ap.add_argument("--forward-config", type=Path, default=Path("pipelines/demo_forward.toml"),
+                    help="the lsf = 'forward' build's configuration")
+    ap.add_argument("--out", type=Path, default=None, help="where to write (default <ignore output>/studies/resolution)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        ci = load_config(args.config)
+        cf = load_config(args.forward_config)
+        if cf.fit.lsf != "forward":
+            raise SystemExit(f"{args.forward_config}: [fit] lsf is {cf.fit.lsf!r}, not 'forward'")
+        oi, of = Path(ci.output.dir), Path(cf.output.dir)
+        run_study(oi, of, ignore_config=ci, forward_config=cf, out_dir=args.out or oi / "studies" / "resolution")
+    except MastarVacError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
