@@ -32,7 +32,10 @@ DR17-size network: the same spectra — made as broaden(emulator(labels), σ_k) 
 LSFs spread ±10% around a MaStar-like median, σ_ref their 1st percentile — and starts,
 each round fitting all of them both ways back to back; printed: the per-spectrum cost of
 each and the median of the rounds' ratios (issue 14's target: ≤ 1.3×), and the slope of
-the [Fe/H] error against the visit's LSF width for each.
+the [Fe/H] error against the visit's LSF width for each. When a forward demo build
+exists (``--forward-output``, ``pipelines/demo_forward.toml``), a second block does the
+same with that build's emulator on its real visits, each with its own DISP, fitted as
+the build fits them (staged grid starts, the emulator error): the cost the build pays.
 
 Two emulators: the MILES demo emulator (3 labels) on real demo spectra when a demo
 build exists (``--demo-output``), and a DR17-size network (5 labels, 4,563 pixels,
@@ -269,6 +272,36 @@ def run_lsf(emu, truth: np.ndarray, threads: int, sn: float = 50.0) -> dict:  # 
             "median_err_feh": float(np.nanmedian(err_f[:, j]))}
 
 
+def run_lsf_build(emu, flux: np.ndarray, ivar: np.ndarray, sig: np.ndarray, threads: int,  # noqa: ANN001
+                  rounds: int = 5) -> dict:
+    """The build's fit (its own config: staged grid starts, the emulator error) of real
+    visits with lsf = "forward" (each visit's DISP) and "ignore", the same emulator (a
+    forward build's), alternating rounds; per-spectrum times and the rounds' ratios."""
+    import dataclasses
+
+    import torch
+
+    from mastar_vac.fit import FitConfig, fit_spectra
+
+    torch.set_num_threads(threads)
+    cfg_i = FitConfig()
+    cfg_f = dataclasses.replace(cfg_i, lsf="forward")
+    fit_spectra(emu, flux[:8], ivar[:8], config=cfg_f, lsf_sigma=sig[:8])  # warm-up
+    n = len(flux)
+    t_i, t_f = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        res_i = fit_spectra(emu, flux, ivar, config=cfg_i)
+        t_i.append((time.perf_counter() - t0) / n)
+        t0 = time.perf_counter()
+        res_f = fit_spectra(emu, flux, ivar, config=cfg_f, lsf_sigma=sig)
+        t_f.append((time.perf_counter() - t0) / n)
+    ratios = np.array(t_f) / np.array(t_i)
+    return {"n": n, "ignore_ms": 1e3 * float(np.median(t_i)), "forward_ms": 1e3 * float(np.median(t_f)),
+            "ratio_median": float(np.median(ratios)), "ratio_range": (float(ratios.min()), float(ratios.max())),
+            "iter_i": float(res_i.n_iter.mean()), "iter_f": float(res_f.n_iter.mean()), "rounds": rounds}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=600, help="spectra for the batched fitter (≥ 500)")
@@ -277,6 +310,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--demo-output", type=Path, default=Path("output/demo"),
                     help="a finished demo build (its emulator and cube are used if present)")
+    ap.add_argument("--forward-output", type=Path, default=Path("output/demo_forward"),
+                    help="a finished lsf = 'forward' demo build (pipelines/demo_forward.toml), for the real-visit "
+                         "forward-vs-ignore line")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("distributed").setLevel(logging.WARNING)
@@ -306,6 +342,19 @@ def main() -> None:
     rows.append(run(emu5, flux, ivar, args.curve_fit_n, f"DR17-size network ({args.hidden} hidden, 5 labels)",
                     args.threads))
     lsf_row = run_lsf(emu5, truth, args.threads)
+    lsf_build = None
+    if (args.forward_output / "emulator").exists() and (args.forward_output / "cube.zarr").exists():
+        from mastar_vac.emulator import load_emulator
+        from mastar_vac.fit import disp_to_pixels
+        from mastar_vac.io.cube import open_cube
+
+        emu_f = load_emulator(args.forward_output / "emulator")
+        cube_f = open_cube(args.forward_output / "cube.zarr")
+        nf = min(args.n, cube_f.sizes["visit"])
+        sl = slice(0, nf)
+        lsf_build = run_lsf_build(emu_f, cube_f["norm_flux"].isel(visit=sl).values,
+                                  cube_f["norm_ivar"].isel(visit=sl).values,
+                                  disp_to_pixels(cube_f["disp"].isel(visit=sl).values, emu_f.wave), args.threads)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     for r in rows:
         print(f"\n{r['name']}: {r['n']} spectra × {r['pixels']} px, {r['labels']} labels, {r['hidden']} hidden")
@@ -339,6 +388,17 @@ def main() -> None:
           f"{r['ratio_range'][0]:.2f}–{r['ratio_range'][1]:.2f}x; issue 14 target ≤ 1.3x)")
     print(f"  [Fe/H] fitted − true against the visit's LSF width (σ / median σ): slope {r['slope_i']:+.3f} dex "
           f"(ignore), {r['slope_f']:+.3f} dex (forward); median formal error {r['median_err_feh']:.3f} dex")
+    if lsf_build is not None:
+        r = lsf_build
+        print(f"\nLSF forward model vs ignore as the build fits (staged grid starts, emulator error), the forward "
+              f"demo build's emulator, its first {r['n']} real visits with their own DISP, side by side:")
+        print(f"  lsf = ignore : {r['ignore_ms']:8.2f} ms/spectrum  ({r['iter_i']:.2f} LM iterations)")
+        print(f"  lsf = forward: {r['forward_ms']:8.2f} ms/spectrum  ({r['iter_f']:.2f} LM iterations)")
+        print(f"  forward / ignore: {r['ratio_median']:.2f}x per spectrum, median of {r['rounds']} rounds' ratios "
+              f"(range {r['ratio_range'][0]:.2f}–{r['ratio_range'][1]:.2f}x; issue 14 target ≤ 1.3x)")
+    else:
+        print(f"\n(no forward build in {args.forward_output}: `python -m mastar_vac.build --config "
+              f"pipelines/demo_forward.toml` for the real-visit forward-vs-ignore line)")
     print(f"\npeak RSS of this process: {rss:.2f} GB")
 
 

@@ -41,12 +41,9 @@ import os
 
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # before distributed is imported
 
-import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import itertools  # noqa: E402
-import logging  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -104,33 +101,22 @@ def _visit_library(n_visits: int) -> np.ndarray | None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--folds", type=int, default=5)
-    ap.add_argument("--demo-output", type=Path, default=Path("output/demo"))
-    ap.add_argument("--config", type=Path, default=None, help="the build's configuration (default demo.toml)")
-    ap.add_argument("--save", type=Path, default=None, help="write every held-out visit's fits to this CSV")
+    from benchmarks.bench_validation import cv_arguments, cv_inputs, fold_splits
+
+    ap = cv_arguments(__doc__)
     ap.add_argument("--per-visit", action="store_true", help="also train the forward emulator on visits")
     ap.add_argument("--max-folds", type=int, default=None, help="run only the first N folds")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    os.environ.setdefault("MASTAR_VAC_PROGRESS", "0")
-    from benchmarks.bench_validation import _flagged_ids, fold_splits
-    from mastar_vac.config import load_config
+    cfg, ref, _, flagged, emp = cv_inputs(args)
     from mastar_vac.emulator import train_emulator
     from mastar_vac.fit import disp_to_pixels, fit_spectra
     from mastar_vac.io.cube import open_cube
-    from mastar_vac.reference import ReferenceSet, reference_lsf
+    from mastar_vac.reference import reference_lsf
     from mastar_vac.validate import format_table1, label_residuals, visits_of
 
-    cfg = load_config(args.config)
-    path = args.demo_output / "reference" / "reference_set.npz"
-    if not path.exists():
-        raise SystemExit(f"{path} not found: run `python -m mastar_vac.build` first")
-    ref = ReferenceSet.load(path)
     if not ref.has_lsf:
-        raise SystemExit(f"{path} records no LSF per spectrum (made by an older version): run the build again")
-    flagged = np.isin(ref.ids.astype(str), list(_flagged_ids(args.demo_output))) & (ref.source == "empirical")
-    emp = np.flatnonzero(ref.source == "empirical")
+        raise SystemExit(f"{args.demo_output}: the reference set records no LSF per spectrum (made by an older "
+                         f"version): run the build again")
     cube = open_cube(args.demo_output / "cube.zarr")
     wave = cube["wave"].values
     sigma_ref = reference_lsf(cube["disp"], wave)  # as the build's reference stage sets it
@@ -149,6 +135,7 @@ def main() -> None:
     modes = MODES + ((PER_VISIT,) if args.per_visit else ())
     fitted = {m: np.full(vref.shape, np.nan) for m in modes}
     train_s: dict[str, list[float]] = {m: [] for m in modes}
+    epochs: dict[str, list[int]] = {m: [] for m in modes}
     fit_ms: dict[str, list[float]] = {m: [] for m in modes}
     if args.per_visit:
         if synth.any():
@@ -186,6 +173,7 @@ def main() -> None:
                                    config=cfg.emulator, split=split, progress=False,
                                    lsf_sigma=ref_lsf if fwd else None, lsf_sigma_ref=sigma_ref if fwd else None)
             train_s[mode].append(time.perf_counter() - t)
+            epochs[mode].append(r.epochs)
             emu = r.emulator
             emu.config["start_grid"] = ref.labels[split["train"]].tolist()
             fc = dataclasses.replace(cfg.fit, lsf="forward" if fwd else "ignore")
@@ -194,7 +182,7 @@ def main() -> None:
             fit_ms[mode].append(1e3 * (time.perf_counter() - t) / max(len(vs), 1))
             fitted[mode][vs] = res.labels
         print(f"fold {k + 1}/{args.folds}: {len(held)} stars, {len(vs)} visits; training "
-              + ", ".join(f"{train_s[m][-1]:.0f} s ({m})" for m in modes)
+              + ", ".join(f"{train_s[m][-1]:.0f} s / {epochs[m][-1]} epochs ({m})" for m in modes)
               + f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
 
     done = np.isin(v_star, ref.ids[np.concatenate(held_run)])  # the visits of the stars held out so far
@@ -230,8 +218,10 @@ def main() -> None:
             for m in modes:
                 out[f"FIT_{m.upper().replace('-', '_')}_{n}"] = fitted[m][:, j]
         out.to_csv(args.save, index=False)
+    per_epoch = {m: np.sum(train_s[m]) / max(np.sum(epochs[m]), 1) for m in modes}
     print("\ntraining per emulator (same run, same folds): " + ", ".join(
-        f"{m} {np.mean(train_s[m]):.0f} s ({np.mean(train_s[m]) / np.mean(train_s['ignore']):.2f}×)" for m in modes)
+        f"{m} {np.mean(train_s[m]):.0f} s, {1e3 * per_epoch[m]:.0f} ms per epoch "
+        f"({per_epoch[m] / per_epoch['ignore']:.2f}×)" for m in modes)
         + "; fit per visit: " + ", ".join(f"{m} {np.mean(fit_ms[m]):.2f} ms" for m in modes))
 
 

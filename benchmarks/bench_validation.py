@@ -69,21 +69,23 @@ def fold_splits(ref, flagged: np.ndarray, n_folds: int, seed: int):  # noqa: ANN
                         "test": np.sort(np.concatenate(parts["test"])), "validation": np.sort(held)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def cv_arguments(doc: str | None) -> argparse.ArgumentParser:
+    """The command-line arguments every cross-validation benchmark takes."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--demo-output", type=Path, default=Path("output/demo"))
     ap.add_argument("--config", type=Path, default=None, help="the build's configuration (default demo.toml)")
     ap.add_argument("--save", type=Path, default=None, help="write every held-out visit's fit to this CSV")
-    args = ap.parse_args()
+    return ap
+
+
+def cv_inputs(args: argparse.Namespace):  # noqa: ANN201
+    """The build's configuration and reference set (as before any cleaning), the
+    label-outlier flags, and the empirical rows: (cfg, ref, flagged_ids, flagged, emp)."""
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("MASTAR_VAC_PROGRESS", "0")
     from mastar_vac.config import load_config
-    from mastar_vac.emulator import TEFF_BINS, flux_accuracy, train_emulator
-    from mastar_vac.fit import fit_spectra
-    from mastar_vac.io.cube import open_cube
     from mastar_vac.reference import ReferenceSet
-    from mastar_vac.validate import format_table1, label_residuals, validate_fit, visits_of
 
     cfg = load_config(args.config)
     path = args.demo_output / "reference" / "reference_set.npz"
@@ -92,7 +94,17 @@ def main() -> None:
     ref = ReferenceSet.load(path)
     flagged_ids = _flagged_ids(args.demo_output)
     flagged = np.isin(ref.ids.astype(str), list(flagged_ids)) & (ref.source == "empirical")
-    emp = np.flatnonzero(ref.source == "empirical")
+    return cfg, ref, flagged_ids, flagged, np.flatnonzero(ref.source == "empirical")
+
+
+def main() -> None:
+    args = cv_arguments(__doc__).parse_args()
+    cfg, ref, flagged_ids, flagged, emp = cv_inputs(args)
+    from mastar_vac.emulator import TEFF_BINS, flux_accuracy, train_emulator
+    from mastar_vac.fit import fit_spectra
+    from mastar_vac.io.cube import open_cube
+    from mastar_vac.validate import format_table1, label_residuals, validate_fit, visits_of
+
     from benchmarks.bench_emulator import library_at_mastar_resolution
     from mastar_vac.demo import demo_files
 

@@ -195,17 +195,26 @@ class FitResult:
 class _TorchNet:
     """Emulator weights as tensors with a fused model+Jacobian evaluation."""
 
-    def __init__(self, emu: Emulator, device: str, dtype: Any) -> None:
+    def __init__(self, emu: Emulator, device: str, dtype: Any, span: bool = False) -> None:
         import torch
 
         t = functools.partial(torch.as_tensor, device=device, dtype=dtype)
         w = emu.weights
         # only the pixels the emulator models: the others weigh nothing in any χ², so
-        # the output layer is cut to them (a third fewer FLOPs for the MILES demo)
-        self.pixels = np.flatnonzero(emu.pixel_mask)
+        # the output layer is cut to them (a third fewer FLOPs for the MILES demo).
+        # ``span``: every pixel from the first modelled one to the last, the others
+        # inside that range output as 0 (zero weights and bias) — the layout the LSF
+        # operator reads (BandKernels' span), so the forward fit needs no scatter onto
+        # the span and gather back at every evaluation (the gaps are ~5% of the span)
+        modelled = np.flatnonzero(emu.pixel_mask)
+        self.pixels = np.arange(modelled[0], modelled[-1] + 1) if span else modelled
+        w2, b2 = np.array(w["w2"][self.pixels]), np.array(w["b2"][self.pixels])
+        if span:
+            off = ~emu.pixel_mask[self.pixels]
+            w2[off], b2[off] = 0.0, 0.0
         self.W0, self.b0 = t(w["w0"]), t(w["b0"])
         self.W1, self.b1 = t(w["w1"]), t(w["b1"])
-        self.W2, self.b2 = t(w["w2"][self.pixels]), t(w["b2"][self.pixels])
+        self.W2, self.b2 = t(w2), t(b2)
         # transposed copies, contiguous, for the (B, ·, H) @ (H, ·) products of model_jac
         self.W0T = self.W0.T.contiguous()
         self.W1T = self.W1.T.contiguous()
@@ -288,11 +297,12 @@ def torch_bmv(J: Any, v: Any) -> Any:
     return (J @ v[:, :, None])[:, :, 0]
 
 
-def _net_for(emu: Emulator, device: str, dtype: str) -> _TorchNet:
-    """The emulator's weights as tensors, converted once per process (a worker fits many blocks)."""
+def _net_for(emu: Emulator, device: str, dtype: str, span: bool = False) -> _TorchNet:
+    """The emulator's weights as tensors, converted once per process (a worker fits many
+    blocks); ``span``: the output over the LSF operator's span (:class:`_TorchNet`)."""
     import torch
 
-    return emu.cached(("net", device, dtype), lambda: _TorchNet(emu, device, getattr(torch, dtype)))
+    return emu.cached(("net", device, dtype, span), lambda: _TorchNet(emu, device, getattr(torch, dtype), span))
 
 
 def _lm(net: _TorchNet, x0: Any, f: Any, w: Any, lo: Any, hi: Any, cfg: FitConfig,
@@ -577,7 +587,7 @@ def _fit_weighted(emu: Emulator, flux: NDArray, w: NDArray, config: FitConfig, s
     fittable = npix >= max(config.min_pixels, L + 1)
     status[~fittable] = STATUS["NO_DATA"]
     dtype = getattr(torch, config.dtype)
-    net = _net_for(emu, config.device, config.dtype)
+    net = _net_for(emu, config.device, config.dtype, span=kern is not None)
     best_x = np.full((n, L), np.nan)
     best_chi2 = np.full(n, np.inf)
     best_k = np.zeros(n, np.int64)
@@ -650,7 +660,7 @@ def _fit_weighted(emu: Emulator, flux: NDArray, w: NDArray, config: FitConfig, s
         with torch.no_grad():
             m = net.model(torch.as_tensor(best_x[r_], dtype=dtype, device=config.device))
             if kern is not None:
-                m = _Band.from_kernels(kern.rows(r_), 1, config.device, dtype).apply(m)
+                m = _Band.from_kernels(kern.rows(r_), 1, config.device, dtype, span_net=True).apply(m)
             m = m.double().cpu().numpy()
         best_chi2[r_] = (wp[r_] * (fluxp[r_] - m) ** 2).sum(1)
         if chi2_data is not None:
@@ -714,7 +724,7 @@ def _order_starts(net: _TorchNet, emu: Emulator, flux: NDArray, w: NDArray, S: N
         with torch.no_grad():
             m = net.model(torch.as_tensor(x, dtype=dtype, device=cfg.device))
             if kern is not None:  # the starts of a spectrum as channels of its one operator
-                band = _Band.from_kernels(kern.rows(ib), 1, cfg.device, dtype)
+                band = _Band.from_kernels(kern.rows(ib), 1, cfg.device, dtype, span_net=True)
                 m = band.apply(m.reshape(len(ib), K, -1)).reshape(len(ib) * K, -1)
             fb = torch.as_tensor(flux[ib], dtype=dtype, device=cfg.device)[:, None, :]
             wb = torch.as_tensor(w[ib], dtype=dtype, device=cfg.device)[:, None, :]
@@ -738,7 +748,7 @@ def _fit_batch(net: _TorchNet, emu: Emulator, flux: NDArray, w: NDArray, S: NDAr
     wt = torch.as_tensor(w, dtype=dtype, device=cfg.device)
     if K > 1:
         f, wt = f.repeat_interleave(K, 0), wt.repeat_interleave(K, 0)
-    band = None if kern is None else _Band.from_kernels(kern, K, cfg.device, dtype)
+    band = None if kern is None else _Band.from_kernels(kern, K, cfg.device, dtype, span_net=True)
     with torch.no_grad():
         x, chi2, H, it, done = _lm(net, xs, f, wt, lo_t, hi_t, cfg, band=band)
     chi2 = chi2.double().cpu().numpy().reshape(nb, K)
@@ -796,13 +806,16 @@ class _Band:
         self._ranges: dict[int, tuple[list[list[int]], list[list[int]]]] = {}
 
     @classmethod
-    def from_kernels(cls, kern: BandKernels, repeat: int, device: str, dtype: Any) -> _Band:
+    def from_kernels(cls, kern: BandKernels, repeat: int, device: str, dtype: Any, span_net: bool = False) -> _Band:
         """The operator of ``kern``'s spectra, each for ``repeat`` consecutive rows (its
-        starts); the rows are expanded by :meth:`scaled`, in the same pass."""
+        starts); the rows are expanded by :meth:`scaled`, in the same pass. With
+        ``span_net`` the operator reads and writes the whole span (a net made with
+        ``span=True``, :class:`_TorchNet`), else the modelled pixels."""
         import torch
 
         w = torch.as_tensor(kern.weights, dtype=dtype, device=device)
-        rel = None if kern.rel is None else torch.as_tensor(kern.rel, dtype=torch.long, device=device)
+        rel = (None if kern.rel is None or span_net else
+               torch.as_tensor(kern.rel, dtype=torch.long, device=device))
         return cls(w, kern.offsets, rel, kern.reach, repeat)
 
     def __getitem__(self, rows: Any) -> _Band:

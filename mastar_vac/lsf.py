@@ -238,17 +238,25 @@ def differential_kernel(sigma_visit: ArrayLike, sigma_ref: ArrayLike, *, kmax: i
     sv = np.asarray(sigma_visit, np.float64)
     if np.any(~np.isfinite(sv)) or np.any(sv < 0):
         raise ValueError("sigma_visit must be finite and >= 0 (fill or mask missing DISP first)")
-    sk, sharper = differential_sigma(sv, sigma_ref)
-    if np.any(~np.isfinite(sk)):
+    # σ_k² directly (differential_sigma without its square root: only σ_k² is used)
+    sr = np.broadcast_to(np.asarray(sigma_ref, np.float64), sv.shape)
+    d2 = sv * sv - sr * sr
+    if not np.isfinite(d2).all():
         raise ValueError("sigma_ref must be finite")
-    v = sk * sk
+    # a σ equal to σ_ref but for float32 rounding (e.g. a synthetic spectrum made at σ_ref)
+    # is σ_ref: neither sharper nor given a kernel of width ~1e-4 px
+    d2[np.abs(d2) <= 1e-6 * sr * sr] = 0.0
+    sharper = d2 < 0
+    v = np.maximum(d2, 0.0, out=d2)
     vmax = float(v.max()) if v.size else 0.0
     if kmax is None:
         smax = np.sqrt(vmax)
         kmax = band_halfwidth(smax, tol) if tol > 0 else (int(np.ceil(5.0 * max(smax, 0.2))) + 1 if smax > 0 else 0)
     T = 2 * kmax + 1
-    out = np.zeros(sk.shape[:-1] + ((T,) + sk.shape[-1:] if taps_first else sk.shape[-1:] + (T,)), dtype)
-    if vmax > 0:
+    out = np.zeros(v.shape[:-1] + ((T,) + v.shape[-1:] if taps_first else v.shape[-1:] + (T,)), dtype)
+    # kmax = 0 with σ_k > 0: a caller's support (band_halfwidth) found every tap beyond the
+    # centre below its tolerance — the identity, to that tolerance
+    if vmax > 0 and kmax > 0:
         nodes = np.linspace(0.0, vmax, _N_VAR_NODES)
         table, _ = discrete_gaussian_weights(np.sqrt(nodes), kmax=kmax)  # (N, T)
         if zero_below > 0:
@@ -260,10 +268,15 @@ def differential_kernel(sigma_visit: ArrayLike, sigma_ref: ArrayLike, *, kmax: i
         pos = v * ((_N_VAR_NODES - 1) / vmax)
         j = np.minimum(pos.astype(np.int64), _N_VAR_NODES - 2)
         t = (pos - j).astype(dtype)
+        # the kernels are symmetric (w(−k) = w(k), the table's rows too): taps −K … 0
+        # are interpolated, the others copied from their mirror
         for tap in range(T):
-            w = np.take(step[tap], j)
-            w *= t
-            w += np.take(base[tap], j)
+            if tap > kmax:
+                w = out[..., T - 1 - tap, :] if taps_first else out[..., T - 1 - tap]
+            else:
+                w = np.take(step[tap], j)
+                w *= t
+                w += np.take(base[tap], j)
             if taps_first:
                 out[..., tap, :] = w
             else:
@@ -404,8 +417,8 @@ def band_kernels(lsf_sigma: ArrayLike, sigma_ref: ArrayLike, pixel_mask: ArrayLi
     pix = np.flatnonzero(mask)
     p0, p1 = int(pix[0]), int(pix[-1]) + 1
     rel = None if len(pix) == p1 - p0 else pix - p0
-    sk, _ = differential_sigma(sig[:, p0:p1], ref[p0:p1])
-    kmax = band_halfwidth(float(sk.max()) if sk.size else 0.0, tol)
+    d2max = float((sig[:, p0:p1] ** 2 - ref[p0:p1] ** 2).max()) if sig.size else 0.0
+    kmax = band_halfwidth(np.sqrt(max(d2max, 0.0)), tol)
     n, S, T = len(sig), p1 - p0, 2 * kmax + 1
     weights = np.empty((n, T, S), np.float32)
     n_sharper = np.zeros(n, np.int64)
@@ -414,14 +427,19 @@ def band_kernels(lsf_sigma: ArrayLike, sigma_ref: ArrayLike, pixel_mask: ArrayLi
     for a in range(0, n, _BUILD_ROWS):
         k = differential_kernel(sig[a:a + _BUILD_ROWS, p0:p1], ref[p0:p1], kmax=kmax, taps_first=True,
                                 zero_below=ZERO_TOL if tol > 0 else 0.0, dtype=np.float32)
+        # where each tap weighs something: the kernels are symmetric before restrict_band
+        # (which only zeroes taps), so taps −K … 0 tell, and +k reaches where −k does
+        nz = k.weights[:, :kmax + 1] != 0  # (rows, K+1, S)
+        has = nz.any(axis=2)
+        lo = np.where(has, nz.argmax(axis=2), S)  # empty: [S, 0)
+        hi = np.where(has, S - nz[:, :, ::-1].argmax(axis=2), 0)
+        reach[a:a + _BUILD_ROWS, :, 0] = np.concatenate([lo, lo[:, :kmax][:, ::-1]], axis=1)
+        reach[a:a + _BUILD_ROWS, :, 1] = np.concatenate([hi, hi[:, :kmax][:, ::-1]], axis=1)
         w = restrict_band(k.weights, k.offsets, valid, taps_first=True, copy=False)
         weights[a:a + _BUILD_ROWS] = w
-        nz = w != 0  # (rows, T, S)
-        has = nz.any(axis=2)
-        reach[a:a + _BUILD_ROWS, :, 0] = np.where(has, nz.argmax(axis=2), S)  # empty: [S, 0)
-        reach[a:a + _BUILD_ROWS, :, 1] = np.where(has, S - nz[:, :, ::-1].argmax(axis=2), 0)
         n_sharper[a:a + _BUILD_ROWS] = (k.n_sharper if rel is None else
-                                        (sig[a:a + _BUILD_ROWS, pix] < ref[pix]).sum(1))
+                                        (sig[a:a + _BUILD_ROWS, pix] ** 2 - ref[pix] ** 2
+                                         < -1e-6 * ref[pix] ** 2).sum(1))  # as differential_kernel counts
     if n_sharper.any():
         log.info("LSF forward model: %d of %d spectra are sharper than σ_ref somewhere (%.2f%% of their modelled "
                  "pixels); the model is left at σ_ref there", int((n_sharper > 0).sum()), n,

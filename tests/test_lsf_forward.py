@@ -430,3 +430,14 @@ def test_training_operator_matches_the_fit_operator_and_has_exact_gradients():
     np.testing.assert_allclose(out.detach().numpy(), k.apply(full)[:, pix], atol=1e-14)
     # the backward pass is the operator's exact adjoint
     assert torch.autograd.gradcheck(lambda yy: broaden_band_torch(yy, w, k.offsets, rel), (y,))
+
+
+def test_a_visit_at_sigma_ref_but_for_float32_rounding_is_at_sigma_ref():
+    """Synthetic spectra made at σ_ref record it in float32: no kernel, none 'sharper'."""
+    ref = np.linspace(0.6, 1.3, P)
+    sig = np.stack([ref.astype(np.float32), ref * 1.2]).astype(np.float64)
+    k = lsf.band_kernels(sig[:1], ref, np.ones(P, bool))
+    assert len(k.offsets) == 1 and (k.weights == 1).all() and k.n_sharper[0] == 0
+    k2 = lsf.band_kernels(sig, ref, np.ones(P, bool))
+    assert k2.n_sharper.tolist() == [0, 0] and len(k2.offsets) > 1
+    np.testing.assert_array_equal(k2.weights[0, k2.offsets == 0], 1.0)
