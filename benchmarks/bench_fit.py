@@ -172,8 +172,10 @@ def run(emu, flux: np.ndarray, ivar: np.ndarray, n_cf: int, name: str, threads: 
                 curve_fit_best(k)
         t_b.append((time.perf_counter() - t0) / max(len(ks), 1))
     t_batched, t_cf, t_staged = float(np.median(t_a)), float(np.median(t_b)), float(np.median(t_s))
-    # the build's fit as it runs: its own grid starts, and the emulator error (two passes)
-    # where the emulator carries an error table
+    # the build's fit as it runs: its own grid starts, and the emulator error where the
+    # emulator carries an error table; warmed up first (its own grid of starts' models and
+    # torch tensors are made on the first call: that first call took 4.5× the others)
+    fit_spectra(emu, flux[:8], ivar[:8], config=FitConfig())
     t0 = time.perf_counter()
     it_build = float(fit_spectra(emu, flux, ivar, config=FitConfig()).n_iter.mean())
     t_build = (time.perf_counter() - t0) / n
