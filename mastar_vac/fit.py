@@ -45,7 +45,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .emulator import Emulator, resolve_device
-from .lsf import BandKernels
+from .lsf import TAP_TOL, BandKernels
 
 __all__ = [
     "DEFAULT_BOUNDS",
@@ -660,7 +660,7 @@ def _fit_weighted(emu: Emulator, flux: NDArray, w: NDArray, config: FitConfig, s
         with torch.no_grad():
             m = net.model(torch.as_tensor(best_x[r_], dtype=dtype, device=config.device))
             if kern is not None:
-                m = _Band.from_kernels(kern.rows(r_), 1, config.device, dtype, span_net=True).apply(m)
+                m = _Band.from_kernels(kern.rows(r_), 1, config.device, dtype).apply(m)
             m = m.double().cpu().numpy()
         best_chi2[r_] = (wp[r_] * (fluxp[r_] - m) ** 2).sum(1)
         if chi2_data is not None:
@@ -724,7 +724,7 @@ def _order_starts(net: _TorchNet, emu: Emulator, flux: NDArray, w: NDArray, S: N
         with torch.no_grad():
             m = net.model(torch.as_tensor(x, dtype=dtype, device=cfg.device))
             if kern is not None:  # the starts of a spectrum as channels of its one operator
-                band = _Band.from_kernels(kern.rows(ib), 1, cfg.device, dtype, span_net=True)
+                band = _Band.from_kernels(kern.rows(ib), 1, cfg.device, dtype)
                 m = band.apply(m.reshape(len(ib), K, -1)).reshape(len(ib) * K, -1)
             fb = torch.as_tensor(flux[ib], dtype=dtype, device=cfg.device)[:, None, :]
             wb = torch.as_tensor(w[ib], dtype=dtype, device=cfg.device)[:, None, :]
@@ -748,7 +748,7 @@ def _fit_batch(net: _TorchNet, emu: Emulator, flux: NDArray, w: NDArray, S: NDAr
     wt = torch.as_tensor(w, dtype=dtype, device=cfg.device)
     if K > 1:
         f, wt = f.repeat_interleave(K, 0), wt.repeat_interleave(K, 0)
-    band = None if kern is None else _Band.from_kernels(kern, K, cfg.device, dtype, span_net=True)
+    band = None if kern is None else _Band.from_kernels(kern, K, cfg.device, dtype)
     with torch.no_grad():
         x, chi2, H, it, done = _lm(net, xs, f, wt, lo_t, hi_t, cfg, band=band)
     chi2 = chi2.double().cpu().numpy().reshape(nb, K)
@@ -763,7 +763,7 @@ def _fit_batch(net: _TorchNet, emu: Emulator, flux: NDArray, w: NDArray, S: NDAr
 # the line-spread forward model (issue 14): one banded kernel per visit
 # ---------------------------------------------------------------------------
 
-def lsf_kernels(emu: Emulator, lsf_sigma: NDArray, *, tol: float | None = None) -> BandKernels:
+def lsf_kernels(emu: Emulator, lsf_sigma: NDArray, *, tol: float = TAP_TOL) -> BandKernels:
     """The differential kernels of spectra whose LSF σ is ``lsf_sigma`` (n, P), in pixels
     of the emulator's grid, against the emulator's σ_ref (``emu.lsf_sigma_ref``), on the
     pixels it models (:func:`mastar_vac.lsf.band_kernels`, where unusable σ are filled
@@ -772,8 +772,7 @@ def lsf_kernels(emu: Emulator, lsf_sigma: NDArray, *, tol: float | None = None) 
 
     if emu.lsf_sigma_ref is None:
         raise ValueError(_no_sigma_ref_message(emu))
-    kw = {} if tol is None else {"tol": tol}
-    return lsf.band_kernels(lsf_sigma, emu.lsf_sigma_ref, emu.pixel_mask, **kw)
+    return lsf.band_kernels(lsf_sigma, emu.lsf_sigma_ref, emu.pixel_mask, tol=tol)
 
 
 def _no_sigma_ref_message(emu: Emulator) -> str:
@@ -783,9 +782,11 @@ def _no_sigma_ref_message(emu: Emulator) -> str:
 
 
 class _Band:
-    """One banded operator per row on the net's modelled pixels, in torch:
-    out[i] = Σ_t w[t, i]·x[i + offsets[t]] (gather form; taps beyond the span read 0 —
-    the weights are renormalized for that, as :func:`mastar_vac.lsf.broaden` does).
+    """One banded operator per row on the span of the net's modelled pixels (the output
+    of a net made with ``span=True``, :class:`_TorchNet`), in torch:
+    out[i] = Σ_t w[t, i]·x[i + offsets[t]] (gather form; taps beyond the span, or onto
+    an unmodelled pixel inside it, weigh 0 — the weights are renormalized for that, as
+    :func:`mastar_vac.lsf.broaden` does).
 
     Applied to the model-and-Jacobian block it broadens the model and every column of
     the Jacobian by the same linear operator, so the derivatives stay exact. Each tap is
@@ -795,45 +796,34 @@ class _Band:
     in one go.
     """
 
-    def __init__(self, weights: Any, offsets: Sequence[int], rel: Any | None, reach: NDArray[np.int64],
-                 repeat: int = 1) -> None:
+    def __init__(self, weights: Any, offsets: Sequence[int], reach: NDArray[np.int64], repeat: int = 1) -> None:
         self.weights = weights  # (B, T, S); with repeat > 1, one per group of ``repeat`` rows
         self.offsets = [int(k) for k in offsets]
         self.centre = self.offsets.index(0)  # offsets are −K … K: the centre tap writes, the others add
-        self.rel = rel  # (P,) long tensor, or None where the modelled pixels are the span
         self.reach = reach  # (B, T, 2) numpy: per row and tap, the pixels [lo, hi) with weight ≠ 0
         self.repeat = repeat
         self._ranges: dict[int, tuple[list[list[int]], list[list[int]]]] = {}
 
     @classmethod
-    def from_kernels(cls, kern: BandKernels, repeat: int, device: str, dtype: Any, span_net: bool = False) -> _Band:
+    def from_kernels(cls, kern: BandKernels, repeat: int, device: str, dtype: Any) -> _Band:
         """The operator of ``kern``'s spectra, each for ``repeat`` consecutive rows (its
-        starts); the rows are expanded by :meth:`scaled`, in the same pass. With
-        ``span_net`` the operator reads and writes the whole span (a net made with
-        ``span=True``, :class:`_TorchNet`), else the modelled pixels."""
+        starts); the rows are expanded by :meth:`scaled`, in the same pass."""
         import torch
 
-        w = torch.as_tensor(kern.weights, dtype=dtype, device=device)
-        rel = (None if kern.rel is None or span_net else
-               torch.as_tensor(kern.rel, dtype=torch.long, device=device))
-        return cls(w, kern.offsets, rel, kern.reach, repeat)
+        return cls(torch.as_tensor(kern.weights, dtype=dtype, device=device), kern.offsets, kern.reach, repeat)
 
     def __getitem__(self, rows: Any) -> _Band:
         assert self.repeat == 1
         sel = rows.cpu().numpy() if hasattr(rows, "cpu") else rows
-        return _Band(self.weights[rows], self.offsets, self.rel, self.reach[sel])
+        return _Band(self.weights[rows], self.offsets, self.reach[sel])
 
     def scaled(self, s: Any) -> _Band:
-        """diag(s)·C, ``s`` (B, P) on the modelled pixels, one row per row of ``s``."""
-        if self.rel is not None:
-            full = s.new_zeros(s.shape[0], self.weights.shape[2])
-            full[:, self.rel] = s
-            s = full
+        """diag(s)·C, ``s`` (B, S) on the span, one row per row of ``s``."""
         n, T, S = self.weights.shape
         if self.repeat > 1:
             w = (self.weights[:, None] * s.view(n, self.repeat, 1, S)).view(n * self.repeat, T, S)
-            return _Band(w, self.offsets, self.rel, np.repeat(self.reach, self.repeat, axis=0))
-        return _Band(self.weights * s[:, None, :], self.offsets, self.rel, self.reach)
+            return _Band(w, self.offsets, np.repeat(self.reach, self.repeat, axis=0))
+        return _Band(self.weights * s[:, None, :], self.offsets, self.reach)
 
     def chunk_rows(self, C: int, device: Any) -> int:
         """Rows per chunk: the whole batch on a GPU; on the CPU ~0.5 MB of block with one
@@ -850,14 +840,6 @@ class _Band:
         room = (1 << 17) if torch.get_num_threads() == 1 else 32767
         return max(1, room // max(C * S, 1))
 
-    def to_span(self, xc: Any) -> Any:
-        """(C, B, P) on the modelled pixels → (C, B, S) on their span (zeros between)."""
-        if self.rel is None:
-            return xc
-        out = xc.new_zeros(xc.shape[0], xc.shape[1], self.weights.shape[2])
-        out[..., self.rel] = xc
-        return out
-
     def _chunk_ranges(self, step: int) -> tuple[list[list[int]], list[list[int]]]:
         """Per chunk of ``step`` rows and per tap, the union of the rows' [lo, hi)."""
         if step not in self._ranges:
@@ -873,7 +855,7 @@ class _Band:
     def apply_rows(self, xc: Any, a: int, step: int) -> Any:
         """C·x for the chunk of rows a … a + step (the ``a // step``-th) of a
         channels-first block, ``xc`` (C, rows, S) on the span; returns a new
-        (C, rows, P) tensor on the modelled pixels."""
+        (C, rows, S) tensor."""
         import torch
 
         S = xc.shape[-1]
@@ -887,13 +869,13 @@ class _Band:
             if k == 0 or i1 <= i0:
                 continue
             out[..., i0:i1].addcmul_(xc[..., i0 + k:i1 + k], w[None, :, t, i0:i1])
-        return out if self.rel is None else out[..., self.rel]
+        return out
 
     def apply(self, x: Any) -> Any:
-        """C·x for x (B, P) or (B, C, P) on the modelled pixels; returns the same shape."""
+        """C·x for x (B, S) or (B, C, S) on the span; returns the same shape."""
         assert self.repeat == 1
         squeeze = x.ndim == 2
-        xc = self.to_span((x[:, None, :] if squeeze else x).transpose(0, 1))
+        xc = (x[:, None, :] if squeeze else x).transpose(0, 1)
         C, B = xc.shape[:2]
         step = self.chunk_rows(C, x.device)
         out = _cat_rows([self.apply_rows(xc[:, a:a + step], a, step) for a in range(0, B, step)])
@@ -920,7 +902,7 @@ def _normal_equations_lsf(net: _TorchNet, x: Any, sf: Any, band_w: _Band) -> tup
     χ² = |√w·f − R₀|², JᵀW(f − m) → R_Jᵀ(√w·f − R₀) and JᵀWJ → R_J R_Jᵀ. R is made and
     reduced chunk by chunk of rows (:meth:`_Band.chunk_rows`), never stored whole."""
     torch = net.torch
-    blk = band_w.to_span(net.model_jac_block(x, channels_first=True))  # (1+L, B, S)
+    blk = net.model_jac_block(x, channels_first=True)  # (1+L, B, S): the net outputs the span
     C, B = blk.shape[:2]
     chi2 = x.new_empty(B)
     g = x.new_empty(B, C - 1)
