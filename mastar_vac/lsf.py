@@ -13,10 +13,9 @@ spectrum broadened by the visit's *differential* kernel, σ_k² = σ_visit² −
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, NamedTuple
-
-import logging
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -30,6 +29,7 @@ __all__ = [
     "sigma_to_pixels",
     "reference_sigma",
     "differential_sigma",
+    "differential_variance",
     "DifferentialKernel",
     "differential_kernel",
     "band_halfwidth",
@@ -183,10 +183,23 @@ def differential_sigma(sigma_visit: ArrayLike, sigma_ref: ArrayLike) -> tuple[ND
     is not a positive kernel), so the model stays at σ_ref there — slightly broader than
     the visit. That is why σ_ref is chosen low (:func:`reference_sigma`), and why the
     pixels where it happens are counted (the second return value)."""
+    v, sharper = differential_variance(sigma_visit, sigma_ref)
+    return np.sqrt(v), sharper
+
+
+def differential_variance(sigma_visit: ArrayLike, sigma_ref: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
+    """σ_k² = max(σ_visit² − σ_ref², 0) and where the visit is sharper than σ_ref
+    (:func:`differential_sigma` without its square root; the kernels need only σ_k²).
+
+    A σ_visit equal to σ_ref but for float32 rounding (a synthetic spectrum made at
+    σ_ref records it in float32) is σ_ref: neither sharper nor given a kernel of width
+    ~1e-4 px."""
     sv = np.asarray(sigma_visit, np.float64)
     sr = np.broadcast_to(np.asarray(sigma_ref, np.float64), sv.shape)
     d2 = sv * sv - sr * sr
-    return np.sqrt(np.maximum(d2, 0.0)), d2 < 0
+    d2[np.abs(d2) <= 1e-6 * sr * sr] = 0.0
+    sharper = d2 < 0
+    return np.maximum(d2, 0.0, out=d2), sharper
 
 
 class DifferentialKernel(NamedTuple):
@@ -238,16 +251,9 @@ def differential_kernel(sigma_visit: ArrayLike, sigma_ref: ArrayLike, *, kmax: i
     sv = np.asarray(sigma_visit, np.float64)
     if np.any(~np.isfinite(sv)) or np.any(sv < 0):
         raise ValueError("sigma_visit must be finite and >= 0 (fill or mask missing DISP first)")
-    # σ_k² directly (differential_sigma without its square root: only σ_k² is used)
-    sr = np.broadcast_to(np.asarray(sigma_ref, np.float64), sv.shape)
-    d2 = sv * sv - sr * sr
-    if not np.isfinite(d2).all():
+    if not np.isfinite(np.asarray(sigma_ref, np.float64)).all():
         raise ValueError("sigma_ref must be finite")
-    # a σ equal to σ_ref but for float32 rounding (e.g. a synthetic spectrum made at σ_ref)
-    # is σ_ref: neither sharper nor given a kernel of width ~1e-4 px
-    d2[np.abs(d2) <= 1e-6 * sr * sr] = 0.0
-    sharper = d2 < 0
-    v = np.maximum(d2, 0.0, out=d2)
+    v, sharper = differential_variance(sv, sigma_ref)
     vmax = float(v.max()) if v.size else 0.0
     if kmax is None:
         smax = np.sqrt(vmax)
@@ -437,9 +443,8 @@ def band_kernels(lsf_sigma: ArrayLike, sigma_ref: ArrayLike, pixel_mask: ArrayLi
         reach[a:a + _BUILD_ROWS, :, 1] = np.concatenate([hi, hi[:, :kmax][:, ::-1]], axis=1)
         w = restrict_band(k.weights, k.offsets, valid, taps_first=True, copy=False)
         weights[a:a + _BUILD_ROWS] = w
-        n_sharper[a:a + _BUILD_ROWS] = (k.n_sharper if rel is None else
-                                        (sig[a:a + _BUILD_ROWS, pix] ** 2 - ref[pix] ** 2
-                                         < -1e-6 * ref[pix] ** 2).sum(1))  # as differential_kernel counts
+        n_sharper[a:a + _BUILD_ROWS] = (k.n_sharper if rel is None else  # the modelled pixels only
+                                        differential_variance(sig[a:a + _BUILD_ROWS, pix], ref[pix])[1].sum(1))
     if n_sharper.any():
         log.info("LSF forward model: %d of %d spectra are sharper than σ_ref somewhere (%.2f%% of their modelled "
                  "pixels); the model is left at σ_ref there", int((n_sharper > 0).sum()), n,
@@ -465,10 +470,7 @@ def homogenize(flux: ArrayLike, ivar: ArrayLike, sigma: ArrayLike, target: Array
     n, P = f.shape
     tgt = np.broadcast_to(np.asarray(target, np.float64), (P,))
     bad = ~(np.isfinite(f) & np.isfinite(iv) & (iv > 0))
-    idx = np.arange(P)
-    for i in np.flatnonzero(bad.any(axis=1)):
-        good = ~bad[i]
-        f[i] = np.interp(idx, idx[good], f[i, good]) if good.any() else 0.0
+    f = _bridge(f, bad, 0.0)
     var = np.where(bad, 0.0, 1.0 / np.where(bad, 1.0, iv))
     out_f = np.empty((n, P), np.float32)
     out_i = np.empty((n, P), np.float32)
@@ -490,10 +492,17 @@ def fill_sigma(sigma: ArrayLike, fallback: ArrayLike) -> tuple[NDArray[np.float6
     pixels; a visit with none gets ``fallback`` (P,) throughout. Returns the filled σ and,
     per visit, how many pixels were filled."""
     s = np.array(np.atleast_2d(sigma), np.float64)
-    fb = np.broadcast_to(np.asarray(fallback, np.float64), s.shape[-1:])
     bad = ~(np.isfinite(s) & (s > 0))
-    idx = np.arange(s.shape[-1])
+    return _bridge(s, bad, fallback), bad.sum(axis=1).astype(np.int64)
+
+
+def _bridge(values: NDArray[np.float64], bad: NDArray[np.bool_], fallback: ArrayLike) -> NDArray[np.float64]:
+    """``values`` (n, P), changed in place, with each row's ``bad`` entries filled by
+    linear interpolation in pixel index over its good ones; a row with none gets
+    ``fallback`` (a scalar or (P,))."""
+    fb = np.broadcast_to(np.asarray(fallback, np.float64), values.shape[-1:])
+    idx = np.arange(values.shape[-1])
     for i in np.flatnonzero(bad.any(axis=1)):
         good = ~bad[i]
-        s[i] = np.interp(idx, idx[good], s[i, good]) if good.any() else fb
-    return s, bad.sum(axis=1).astype(np.int64)
+        values[i] = np.interp(idx, idx[good], values[i, good]) if good.any() else fb
+    return values
