@@ -16,6 +16,7 @@ exported to/imported from The Payne's ``NN_normalized_spectra.npz`` layout.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -763,7 +764,10 @@ def _band_rows(y: Any, w: Any, offsets: Sequence[int], transpose: bool = False) 
     return out
 
 
+@functools.cache
 def _band_function() -> type:
+    """The autograd function of :func:`broaden_band_torch` (made once, on first use:
+    torch is imported lazily)."""
     import torch
 
     class _BandOp(torch.autograd.Function):
@@ -786,9 +790,6 @@ def _band_function() -> type:
     return _BandOp
 
 
-_BAND_OP: type | None = None
-
-
 def broaden_band_torch(y: Any, weights: Any, offsets: Sequence[int], rel: Any | None) -> Any:
     """The banded LSF operator on a batch of network outputs, differentiable: ``y``
     (B, N) on the modelled pixels, ``weights`` (B, T, S) the rows' kernels over the
@@ -796,12 +797,9 @@ def broaden_band_torch(y: Any, weights: Any, offsets: Sequence[int], rel: Any | 
     or onto unmodelled pixels already weighing 0), ``rel`` the modelled pixels'
     positions in the span (None: the whole span). out[i] = Σ_t w[t, i]·y[i + offsets[t]].
     One multiply-add per tap over the batch, forward and backward."""
-    global _BAND_OP
-    if _BAND_OP is None:
-        _BAND_OP = _band_function()
     S = weights.shape[-1]
     span = y if rel is None else y.new_zeros(y.shape[0], S).index_copy(1, rel, y)
-    out = _BAND_OP.apply(span.contiguous(), weights, tuple(int(k) for k in offsets))
+    out = _band_function().apply(span.contiguous(), weights, tuple(int(k) for k in offsets))
     return out if rel is None else out[:, rel]
 
 
