@@ -111,7 +111,7 @@ def main() -> None:
     from mastar_vac.emulator import train_emulator
     from mastar_vac.fit import disp_to_pixels, fit_spectra
     from mastar_vac.io.cube import open_cube
-    from mastar_vac.reference import reference_lsf
+    from mastar_vac.reference import reference_lsf, visit_cuts
     from mastar_vac.validate import format_table1, label_residuals, visits_of
 
     if not ref.has_lsf:
@@ -142,11 +142,9 @@ def main() -> None:
             raise SystemExit("--per-visit: the reference set has synthetic spectra; this comparison is for "
                              "empirical sets")
         # the reference stage's visit cuts, so the visits are those its co-adds were made of
-        rc = cfg.reference
-        q = cube["mjdqual"].values[vsel].astype(np.int64)
-        v_ok = (((q & (rc.emission_visit_bits | rc.bad_visit_bits)) == 0)
-                & (np.nan_to_num(cube["s2n"].values[vsel].astype(float)) >= rc.min_snr)
-                & (cube["n_good_pixels"].values[vsel] > 0))
+        cuts = visit_cuts(cube["mjdqual"].values[vsel], cube["s2n"].values[vsel], cube["n_good_pixels"].values[vsel],
+                          cfg.reference)
+        v_ok = ~np.logical_or.reduce([np.zeros(len(vsel), bool), *cuts.values()])
         row_of = {m: k for k, m in enumerate(ref.ids.astype(str))}
         v_row = np.array([row_of[m] for m in visit_ids[vsel]])  # each visit's reference-set row
     print(f"{len(emp)} reference stars, {len(vsel)} visits; visit LSF width (σ / median σ): "

@@ -311,6 +311,16 @@ class ReferenceSet:
                    np.asarray(d.get("lsf_sigma_ref", np.zeros(0)), np.float64))
 
 
+def visit_cuts(mjdqual: NDArray, s2n: NDArray, n_good: NDArray, config: ReferenceConfig) -> dict[str, NDArray[np.bool_]]:
+    """The visit-level cuts ``config.cuts`` enables, in the order they are applied: per
+    cut, the visits it removes (emission lines, flagged visits, low S/N or no data)."""
+    q = np.asarray(mjdqual, np.int64)
+    all_cuts = {"emission_line": (q & config.emission_visit_bits) != 0,
+                "flagged_visit": (q & config.bad_visit_bits) != 0,
+                "low_snr": ~(np.nan_to_num(np.asarray(s2n, float)) >= config.min_snr) | (np.asarray(n_good) == 0)}
+    return {name: bad for name, bad in all_cuts.items() if name in config.cuts}
+
+
 def _log_cut(report: dict[str, int], name: str, n: int, what: str = "stars") -> None:
     report[name] = int(n)
     log.info("reference cut %-15s removes %5d %s", name, n, what)
@@ -386,13 +396,8 @@ def build_reference_set(cube, allstar: pd.DataFrame, gaia_xmatch: pd.DataFrame |
     vsel = visits["MANGAID"].isin(m["MANGAID"]).to_numpy()
     n_stars_before = len(m)
     vkeep = vsel.copy()
-    q = visits["MJDQUAL"].to_numpy(np.int64)
-    for name, bad in (("emission_line", (q & config.emission_visit_bits) != 0),
-                      ("flagged_visit", (q & config.bad_visit_bits) != 0),
-                      ("low_snr", ~(np.nan_to_num(visits["S2N"].to_numpy(float)) >= config.min_snr)
-                       | (visits["NGOOD"].to_numpy() == 0))):
-        if name not in cuts:
-            continue
+    for name, bad in visit_cuts(visits["MJDQUAL"].to_numpy(), visits["S2N"].to_numpy(), visits["NGOOD"].to_numpy(),
+                                config).items():
         lost = vkeep & bad
         still = set(visits["MANGAID"][vkeep & ~bad])
         n_star_lost = len(set(visits["MANGAID"][vkeep]) - still)
