@@ -80,6 +80,12 @@ def deviations(fits: dict[float, NDArray]) -> NDArray[np.float64]:
         return stack - np.nanmedian(stack, axis=0, keepdims=True)
 
 
+def median_teff(fitted: dict[float, NDArray], t: int) -> NDArray[np.float64]:
+    """Per star, the median over the catalogues of fitted Teff (column ``t``): the x axis."""
+    with np.errstate(invalid="ignore"):
+        return np.nanmedian(np.stack([fitted[p][:, t] for p in sorted(fitted)]), axis=0)
+
+
 def run_study(ignore_output: Path, forward_output: Path, *, ignore_config: Any, forward_config: Any,
               out_dir: Path) -> dict[str, Any]:
     """Make the four catalogues from the ignore build's cube, fit them with both builds'
@@ -106,26 +112,30 @@ def run_study(ignore_output: Path, forward_output: Path, *, ignore_config: Any, 
     common = sorted(set.intersection(*(set(c["ids"].tolist()) for c in cats.values())))
     log.info("%d stars are in all four catalogues", len(common))
     fitted: dict[str, dict[float, NDArray]] = {m: {} for m in MODES}
-    status: dict[str, dict[float, NDArray]] = {m: {} for m in MODES}
+    failed: dict[str, dict[str, int]] = {m: {} for m in MODES}  # fits that gave no labels, per catalogue
     for p, c in cats.items():
         rows = np.searchsorted(c["ids"], common)
         for mode in MODES:
             lsf_sigma = np.broadcast_to(c["curve"], (len(rows), len(wave))) if mode == "forward" else None
             res = fit_spectra(emus[mode], c["flux"][rows], c["ivar"][rows], config=fit_cfg[mode], lsf_sigma=lsf_sigma)
             fitted[mode][p] = res.labels
-            status[mode][p] = res.status
+            failed[mode][f"{p:g}"] = int((~np.isfinite(res.labels).all(axis=1)).sum())
     names = emus["ignore"].label_names
     t = names.index("TEFF")
     summary: dict[str, Any] = {"n_stars": len(common), "percentiles": list(PERCENTILES),
                                "visits_used": {str(p): c["n_visits"] for p, c in cats.items()},
-                               "n_visits": cats[PERCENTILES[0]]["n_visits_total"], "modes": {}}
+                               "n_visits": cats[PERCENTILES[0]]["n_visits_total"], "failed_fits": failed,
+                               "modes": {}}
     used = ", ".join(f"{p:g}: {c['n_visits']}" for p, c in cats.items())
     lines = [f"§5.1: {len(common)} stars in all four LSF-homogenized catalogues (visits used per percentile: "
-             f"{used} of {summary['n_visits']})", "median |deviation from the star's median over the four catalogues|"]
+             f"{used} of {summary['n_visits']})",
+             "failed fits (no labels; left out of the medians) per catalogue: "
+             + "; ".join(f"{m} " + ", ".join(f"P{p} {k}" for p, k in failed[m].items()) for m in MODES),
+             "median |deviation from the star's median over the four catalogues|"]
     lines.append(f"{'mode':<9}{'Teff range':<16}{'N':>5}" + "".join(f"{n:>12}" for n in names))
     for mode in MODES:
         dev = deviations(fitted[mode])
-        teff = np.nanmedian(np.stack([fitted[mode][p][:, t] for p in PERCENTILES]), axis=0)
+        teff = median_teff(fitted[mode], t)
         ms: dict[str, Any] = {}
         for rng_name, lo, hi in TEFF_RANGES:
             sel = (teff >= lo) & (teff < hi)
@@ -171,7 +181,7 @@ def _figure(path: Path, fitted: dict[str, dict[float, NDArray]], names: Sequence
     devs = {mode: deviations(fitted[mode]) for mode in MODES}
     for r, mode in enumerate(MODES):
         dev = devs[mode]
-        teff = np.nanmedian(np.stack([fitted[mode][p][:, t] for p in PERCENTILES]), axis=0)
+        teff = median_teff(fitted[mode], t)
         for j, n in enumerate(names):
             ax = axes[r, j]
             for k, p in enumerate(PERCENTILES):
