@@ -30,13 +30,14 @@ spectra are fitted at once as tensors:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -256,14 +257,13 @@ class _TorchNet:
         out = self.model_jac_block(x, add_bias=False)
         return out[:, 0, :] + self.b2, out[:, 1:, :]
 
-    def model_jac_block(self, x: Any, channels_first: bool = False, add_bias: bool = True) -> Any:
-        """Model and Jacobian as one (B, 1+L, P) block: row 0 the model, rows 1… ∂/∂x;
-        with ``channels_first`` as (1+L, B, P) (what the LSF operator reads, :class:`_Band`).
+    def model_jac_block(self, x: Any, add_bias: bool = True) -> Any:
+        """Model and Jacobian as one (B, 1+L, P) block: row 0 the model, rows 1… ∂/∂x
+        (the block the LSF operator is applied to in one go, :class:`_Band`).
 
         Mᵀ = W0ᵀ·diag(σ'(a0))·W1ᵀ·diag(σ'(a1)) per spectrum (L × H, small), stacked under
         h2 as [h2 | Mᵀ] of shape (B·(1+L), H); one GEMM with W2ᵀ gives the model and every
-        column of the Jacobian with P innermost, the layout the χ² reductions want (and
-        the block the LSF operator is applied to in one go, :class:`_Band`).
+        column of the Jacobian with P innermost, the layout the χ² reductions want.
         """
         torch = self.torch
         B = x.shape[0]
@@ -271,11 +271,6 @@ class _TorchNet:
         h2, d1 = self._act(h1 @ self.W1.T + self.b1)
         At = d0[:, None, :] * self.W0T[None]  # (B, L, H)
         Mt = torch.matmul(At, self.W1T) * d1[:, None, :]  # (B, L, H)
-        if channels_first:
-            Zt = torch.cat([h2[None], Mt.transpose(0, 1)], dim=0).reshape((1 + self.L) * B, self.H)
-            out = (Zt @ self.W2T).reshape(1 + self.L, B, self.P)  # (1+L, B, P)
-            out[0] += self.b2
-            return out
         Zt = torch.cat([h2[:, None, :], Mt], dim=1).reshape(B * (1 + self.L), self.H)
         out = (Zt @ self.W2T).reshape(B, 1 + self.L, self.P)  # (B, 1+L, P)
         if add_bias:
@@ -781,113 +776,181 @@ def _no_sigma_ref_message(emu: Emulator) -> str:
             f"use lsf = 'ignore' or an emulator trained with a reference LSF")
 
 
+@contextlib.contextmanager
+def _single_threaded(device: Any) -> Iterator[None]:
+    """Torch on one thread (CPU only) for the LSF operator's small, memory-bound ops on
+    chunks that stay in cache. Split over threads (above torch's grain of 32,768
+    elements) they spent their time synchronizing — 6 ms per op instead of 0.06 ms on a
+    loaded 2-core machine — and kept below the grain, the chunks were so small (1–2
+    rows) that the ops' fixed cost dominated. The network's GEMM, outside, keeps its
+    threads. Switching costs ~0.3 µs. (The setting is the process's: a fit running at
+    the same time in another thread may see one thread for that while; only its speed
+    changes.)"""
+    import torch
+
+    n = torch.get_num_threads()
+    if device.type != "cpu" or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 class _Band:
     """One banded operator per row on the span of the net's modelled pixels (the output
     of a net made with ``span=True``, :class:`_TorchNet`), in torch:
-    out[i] = Σ_t w[t, i]·x[i + offsets[t]] (gather form; taps beyond the span, or onto
+    out[i] = s[i]·Σ_t w[t, i]·x[i + offsets[t]] (gather form; taps beyond the span, or onto
     an unmodelled pixel inside it, weigh 0 — the weights are renormalized for that, as
-    :func:`mastar_vac.lsf.broaden` does).
+    :func:`mastar_vac.lsf.broaden` does; ``s`` the whitening √w, 1 when not whitened).
 
     Applied to the model-and-Jacobian block it broadens the model and every column of
     the Jacobian by the same linear operator, so the derivatives stay exact. Each tap is
-    one fused multiply-add over the block. On the CPU that pass is memory-bound, so rows
-    go through in small chunks that stay in cache and are reduced to χ², JᵀWr and JᵀWJ
-    before the next chunk (:func:`_normal_equations_lsf`, :meth:`chunk_rows`); on a GPU
-    in one go.
+    one fused multiply-add over a chunk of rows. On the CPU that pass is memory-bound,
+    so rows go through in small chunks that stay in cache and are reduced to χ², JᵀWr
+    and JᵀWJ before the next chunk (:func:`_normal_equations_lsf`, :meth:`chunk_rows`);
+    on a GPU in one go.
+
+    What keeps it cheap, each measured on the demo's real visits (600 visits, the
+    build's fit, 2 threads; the forward fit went from 2.2× to ~1.7× the ignore fit):
+
+    - The kernels are held once per spectrum (``weights``, never copied): the rows (a
+      spectrum's starts, the rows the LM keeps as others converge) point into them
+      (``row_of``), and the whitening scales the chunk's output. Scaling and compacting
+      the (rows, T, S) weights at every step instead was a third of the forward fit's
+      extra cost.
+    - Each chunk is copied into buffers whose per-tap views are made once
+      (:meth:`_buffers`): slicing input and output for every tap of every chunk cost
+      more than the arithmetic (~200 against ~65 µs per row and evaluation).
+    - A chunk runs only the taps its widest kernel reaches (``half_width``: a sharp
+      visit's kernel is narrower; on the demo a third of the taps are skipped).
+    - The chunks run on one thread, ~9 rows at a time (:func:`_single_threaded`).
+
+    The buffers are written in place, so there is no autograd through this class (the
+    fit runs without it; the training's operator is
+    :func:`mastar_vac.emulator.broaden_band_torch`).
     """
 
-    def __init__(self, weights: Any, offsets: Sequence[int], reach: NDArray[np.int64], repeat: int = 1) -> None:
-        self.weights = weights  # (B, T, S); with repeat > 1, one per group of ``repeat`` rows
+    def __init__(self, weights: Any, offsets: Sequence[int], ranges: list[tuple[int, int, int, int]],
+                 half_width: NDArray[np.int64], row_of: NDArray[np.int64] | None = None, sw: Any = None,
+                 buffers: dict[tuple[int, int], tuple] | None = None) -> None:
+        self.weights = weights  # (n, T, S), one kernel per spectrum
         self.offsets = [int(k) for k in offsets]
         self.centre = self.offsets.index(0)  # offsets are −K … K: the centre tap writes, the others add
-        self.reach = reach  # (B, T, 2) numpy: per row and tap, the pixels [lo, hi) with weight ≠ 0
-        self.repeat = repeat
-        self._ranges: dict[int, tuple[list[list[int]], list[list[int]]]] = {}
+        # per tap but the centre, by |offset|: (tap, offset, i0, i1), the pixels some kernel writes
+        self.ranges = sorted(ranges, key=lambda r: abs(r[1]))
+        # the number of those taps with |offset| ≤ K, for K = 0 … max
+        K = (len(self.offsets) - 1) // 2
+        self.n_taps = [sum(abs(r[1]) <= k for r in self.ranges) for k in range(K + 1)]
+        self.half_width = half_width  # (n,) per spectrum: its taps beyond ±K weigh 0
+        self.row_of = row_of  # (B,) the spectrum of each row; None: row i is spectrum i
+        self.sw = sw  # (B, S) the rows' whitening √w, or None
+        self._bufs = {} if buffers is None else buffers  # shared by the operators made from this one
 
     @classmethod
     def from_kernels(cls, kern: BandKernels, repeat: int, device: str, dtype: Any) -> _Band:
         """The operator of ``kern``'s spectra, each for ``repeat`` consecutive rows (its
-        starts); the rows are expanded by :meth:`scaled`, in the same pass."""
+        starts)."""
         import torch
 
-        return cls(torch.as_tensor(kern.weights, dtype=dtype, device=device), kern.offsets, kern.reach, repeat)
+        S = kern.weights.shape[2]
+        ranges = []
+        for t, k in enumerate(kern.offsets.tolist()):
+            # the pixels where some kernel's tap t weighs something and its source exists
+            lo = max(int(kern.reach[t, 0]), -k, 0)
+            hi = min(int(kern.reach[t, 1]), S - k, S)
+            if k != 0 and hi > lo:
+                ranges.append((t, k, lo, hi))
+        row_of = None if repeat == 1 else np.repeat(np.arange(len(kern.weights)), repeat)
+        return cls(torch.as_tensor(kern.weights, dtype=dtype, device=device), kern.offsets, ranges, kern.half_width,
+                   row_of)
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.weights) if self.row_of is None else len(self.row_of)
+
+    def _derived(self, row_of: NDArray[np.int64] | None, sw: Any) -> _Band:
+        return _Band(self.weights, self.offsets, self.ranges, self.half_width, row_of, sw, self._bufs)
 
     def __getitem__(self, rows: Any) -> _Band:
-        assert self.repeat == 1
-        sel = rows.cpu().numpy() if hasattr(rows, "cpu") else rows
-        return _Band(self.weights[rows], self.offsets, self.reach[sel])
+        """The operator of the rows ``rows`` (a torch index or mask over the rows)."""
+        sel = rows.cpu().numpy() if hasattr(rows, "cpu") else np.asarray(rows)
+        row_of = np.arange(len(self.weights)) if self.row_of is None else self.row_of
+        return self._derived(row_of[sel], None if self.sw is None else self.sw[rows])
 
     def scaled(self, s: Any) -> _Band:
-        """diag(s)·C, ``s`` (B, S) on the span, one row per row of ``s``."""
-        n, T, S = self.weights.shape
-        if self.repeat > 1:
-            w = (self.weights[:, None] * s.view(n, self.repeat, 1, S)).view(n * self.repeat, T, S)
-            return _Band(w, self.offsets, np.repeat(self.reach, self.repeat, axis=0))
-        return _Band(self.weights * s[:, None, :], self.offsets, self.reach)
+        """diag(s)·C, ``s`` (B, S) on the span, one row per row of the operator."""
+        return self._derived(self.row_of, s if self.sw is None else self.sw * s)
 
     def chunk_rows(self, C: int, device: Any) -> int:
-        """Rows per chunk: the whole batch on a GPU; on the CPU ~0.5 MB of block with one
-        torch thread, and with more, chunks under torch's parallel grain (32,768 elements),
-        so that each op runs on the calling thread. Split over threads, these small
-        memory-bound ops spent their time synchronizing whenever the cores were shared
-        (6 ms per op instead of 0.06 ms on a loaded 2-core machine); the GEMM stays
-        parallel."""
-        import torch
-
-        B, _, S = self.weights.shape
+        """Rows per chunk: the whole batch on a GPU; on the CPU ~0.5 MB of block, which
+        stays in cache through the taps (run on one thread, :func:`_single_threaded`)."""
+        S = self.weights.shape[2]
         if device.type != "cpu":
-            return max(B, 1)
-        room = (1 << 17) if torch.get_num_threads() == 1 else 32767
-        return max(1, room // max(C * S, 1))
+            return max(self.n_rows, 1)
+        return max(1, (1 << 17) // max(C * S, 1))
 
-    def _chunk_ranges(self, step: int) -> tuple[list[list[int]], list[list[int]]]:
-        """Per chunk of ``step`` rows and per tap, the union of the rows' [lo, hi)."""
-        if step not in self._ranges:
-            B, T, _ = self.reach.shape
-            nc = -(-B // step)
-            r = np.empty((nc * step, T, 2), np.int64)
-            r[:B] = self.reach
-            r[B:, :, 0], r[B:, :, 1] = np.iinfo(np.int64).max, 0  # padding rows reach nothing
-            r = r.reshape(nc, step, T, 2)
-            self._ranges[step] = (r[..., 0].min(axis=1).tolist(), r[..., 1].max(axis=1).tolist())
-        return self._ranges[step]
+    def _buffers(self, rows: int, C: int, like: Any) -> tuple:
+        """Input and output buffers for a chunk of ``rows`` rows of ``C`` channels, with
+        every tap's two views of them made once (the kernels' view is one slice)."""
+        key = (rows, C)
+        buf = self._bufs.get(key)
+        if buf is None:
+            if len(self._bufs) > 8:  # a GPU's whole-batch chunks shrink as rows converge
+                self._bufs.clear()
+            S = self.weights.shape[2]
+            X, out = like.new_empty((rows, C, S)), like.new_empty((rows, C, S))
+            taps = [(out[..., i0:i1], X[..., i0 + k:i1 + k]) for _, k, i0, i1 in self.ranges]
+            buf = self._bufs[key] = (X, out, taps)
+        return buf
 
-    def apply_rows(self, xc: Any, a: int, step: int) -> Any:
-        """C·x for the chunk of rows a … a + step (the ``a // step``-th) of a
-        channels-first block, ``xc`` (C, rows, S) on the span; returns a new
-        (C, rows, S) tensor."""
+    def _chunk_kernels(self, a: int, b: int) -> tuple[Any, int]:
+        """Rows a … b's kernels (b − a, T, S), a view where they are a run of spectra
+        (or one spectrum's starts, broadcast), and how many of :attr:`ranges` their
+        widest kernel reaches."""
         import torch
 
-        S = xc.shape[-1]
-        w = self.weights[a:a + step]
-        out = torch.mul(xc, w[None, :, self.centre, :])
-        lo, hi = self._chunk_ranges(step)
-        lo, hi = lo[a // step], hi[a // step]
-        for t, k in enumerate(self.offsets):
-            # only the pixels where some row's weight is not 0, and whose neighbour exists
-            i0, i1 = max(lo[t], -k, 0), min(hi[t], S - k, S)
-            if k == 0 or i1 <= i0:
-                continue
-            out[..., i0:i1].addcmul_(xc[..., i0 + k:i1 + k], w[None, :, t, i0:i1])
+        if self.row_of is None:
+            return self.weights[a:b], self.n_taps[int(self.half_width[a:b].max())]
+        ids = self.row_of[a:b]
+        K = self.n_taps[int(self.half_width[ids].max())]
+        if ids[-1] - ids[0] == b - a - 1 and (b - a == 1 or np.all(np.diff(ids) == 1)):
+            return self.weights[int(ids[0]):int(ids[0]) + b - a], K
+        if np.all(ids == ids[0]):  # one spectrum's starts
+            return self.weights[int(ids[0]):int(ids[0]) + 1], K
+        return self.weights.index_select(0, torch.as_tensor(ids, device=self.weights.device)), K
+
+    def apply_rows(self, x: Any, a: int, b: int) -> Any:
+        """C·x (whitened when :attr:`sw` is set) for rows a … b, ``x`` (b − a, C, S) on
+        the span. Returns a buffer (b − a, C, S), overwritten by the next call for a
+        chunk of the same shape."""
+        import torch
+
+        X, out, taps = self._buffers(b - a, x.shape[1], x)
+        X.copy_(x)
+        w, n_taps = self._chunk_kernels(a, b)
+        torch.mul(X, w[:, None, self.centre], out=out)
+        for (t, _, i0, i1), (o, src) in zip(self.ranges[:n_taps], taps):  # the taps its kernels reach
+            o.addcmul_(src, w[:, None, t, i0:i1])
+        if self.sw is not None:  # diag(√w)·C: every channel of an output pixel alike
+            out.mul_(self.sw[a:b, None, :])
         return out
 
     def apply(self, x: Any) -> Any:
         """C·x for x (B, S) or (B, C, S) on the span; returns the same shape."""
-        assert self.repeat == 1
-        squeeze = x.ndim == 2
-        xc = (x[:, None, :] if squeeze else x).transpose(0, 1)
-        C, B = xc.shape[:2]
+        import torch
+
+        xb = x[:, None, :] if x.ndim == 2 else x
+        out = torch.empty_like(xb)
+        B, C = xb.shape[:2]
         step = self.chunk_rows(C, x.device)
-        out = _cat_rows([self.apply_rows(xc[:, a:a + step], a, step) for a in range(0, B, step)])
-        out = out.transpose(0, 1)  # (B, C, P)
-        return out[:, 0, :].contiguous() if squeeze else out.contiguous()
-
-
-def _cat_rows(parts: list[Any]) -> Any:
-    """Chunks (C, rows, P) back into one block along the rows."""
-    import torch
-
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        with _single_threaded(x.device):
+            for a in range(0, B, step):
+                b = min(B, a + step)
+                out[a:b] = self.apply_rows(xb[a:b], a, b)
+        return out[:, 0, :] if x.ndim == 2 else out
 
 
 def _whiten(f: Any, w: Any, band: _Band) -> tuple[Any, _Band]:
@@ -898,25 +961,24 @@ def _whiten(f: Any, w: Any, band: _Band) -> tuple[Any, _Band]:
 
 def _normal_equations_lsf(net: _TorchNet, x: Any, sf: Any, band_w: _Band) -> tuple[Any, Any, Any]:
     """:meth:`_TorchNet.normal_equations` with the model and Jacobian broadened by each
-    row's kernel C: with R = diag(√w)·C·[m | J] (one operator pass over the block),
-    χ² = |√w·f − R₀|², JᵀW(f − m) → R_Jᵀ(√w·f − R₀) and JᵀWJ → R_J R_Jᵀ. R is made and
-    reduced chunk by chunk of rows (:meth:`_Band.chunk_rows`), never stored whole."""
-    torch = net.torch
-    blk = net.model_jac_block(x, channels_first=True)  # (1+L, B, S): the net outputs the span
-    C, B = blk.shape[:2]
-    chi2 = x.new_empty(B)
-    g = x.new_empty(B, C - 1)
-    Hm = x.new_empty(B, C - 1, C - 1)
+    row's kernel C: with R = diag(√w)·C·[m | J] (one operator pass over the block) and
+    Y = [√w·f − R₀ | R_J], the Gram matrix YYᵀ holds χ² (its corner), JᵀW(f − m) (its
+    first column) and JᵀWJ (the rest) — one small product per chunk of rows
+    (:meth:`_Band.chunk_rows`); R is never stored whole."""
+    import torch
+
+    blk = net.model_jac_block(x)  # (B, 1+L, S): the net outputs the span
+    B, C = blk.shape[:2]
+    G = x.new_empty(B, C, C)
     step = band_w.chunk_rows(C, x.device)
-    for a in range(0, B, step):
-        b = min(B, a + step)
-        R = band_w.apply_rows(blk[:, a:b], a, step)
-        r = sf[a:b] - R[0]
-        RJ = R[1:].transpose(0, 1)  # (rows, L, P), P innermost
-        chi2[a:b] = (r * r).sum(1)
-        g[a:b] = torch_bmv(RJ, r)
-        torch.matmul(RJ, RJ.transpose(1, 2), out=Hm[a:b])
-    return chi2, g, Hm
+    with _single_threaded(x.device):
+        for a in range(0, B, step):
+            b = min(B, a + step)
+            R = band_w.apply_rows(blk[a:b], a, b)
+            r = R[:, 0]
+            torch.sub(sf[a:b], r, out=r)  # the residual in place of the model
+            torch.matmul(R, R.transpose(1, 2), out=G[a:b])
+    return G[:, 0, 0].contiguous(), G[:, 1:, 0].contiguous(), G[:, 1:, 1:].contiguous()
 
 
 # ---------------------------------------------------------------------------

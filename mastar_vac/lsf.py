@@ -263,30 +263,7 @@ def differential_kernel(sigma_visit: ArrayLike, sigma_ref: ArrayLike, *, kmax: i
     # kmax = 0 with σ_k > 0: a caller's support (band_halfwidth) found every tap beyond the
     # centre below its tolerance — the identity, to that tolerance
     if vmax > 0 and kmax > 0:
-        nodes = np.linspace(0.0, vmax, _N_VAR_NODES)
-        table, _ = discrete_gaussian_weights(np.sqrt(nodes), kmax=kmax)  # (N, T)
-        if zero_below > 0:
-            table = np.where(table < zero_below, 0.0, table)
-            table /= table.sum(axis=1, keepdims=True)
-        # per tap: w = table[j] + (table[j+1] − table[j])·t, from tables that stay in cache
-        base = np.ascontiguousarray(table[:-1].T, dtype)
-        step = np.ascontiguousarray(np.diff(table, axis=0).T, dtype)
-        pos = v * ((_N_VAR_NODES - 1) / vmax)
-        j = np.minimum(pos.astype(np.int64), _N_VAR_NODES - 2)
-        t = (pos - j).astype(dtype)
-        # the kernels are symmetric (w(−k) = w(k), the table's rows too): taps −K … 0
-        # are interpolated, the others copied from their mirror
-        for tap in range(T):
-            if tap > kmax:
-                w = out[..., T - 1 - tap, :] if taps_first else out[..., T - 1 - tap]
-            else:
-                w = np.take(step[tap], j)
-                w *= t
-                w += np.take(base[tap], j)
-            if taps_first:
-                out[..., tap, :] = w
-            else:
-                out[..., tap] = w
+        _interpolate_kernels(v, _kernel_table(vmax, kmax, zero_below, dtype), out, taps_first)
     elif taps_first:
         out[..., kmax, :] = 1.0
     else:
@@ -294,6 +271,47 @@ def differential_kernel(sigma_visit: ArrayLike, sigma_ref: ArrayLike, *, kmax: i
     offsets = np.arange(-kmax, kmax + 1, dtype=np.int64)
     n_sharper = sharper.sum(axis=-1).astype(np.int64)
     return DifferentialKernel(out, offsets, n_sharper)
+
+
+class _KernelTable(NamedTuple):
+    """Kernels −K … 0 at ``_N_VAR_NODES`` values of σ_k² from 0 to ``vmax``, as per-tap
+    bases and steps for linear interpolation in σ_k² (:func:`_interpolate_kernels`)."""
+
+    vmax: float
+    base: NDArray[np.float32]  # (K+1, N−1)
+    step: NDArray[np.float32]  # (K+1, N−1)
+
+
+def _kernel_table(vmax: float, kmax: int, zero_below: float, dtype: type | np.dtype = np.float32) -> _KernelTable:
+    nodes = np.linspace(0.0, vmax, _N_VAR_NODES)
+    table, _ = discrete_gaussian_weights(np.sqrt(nodes), kmax=kmax)  # (N, T)
+    if zero_below > 0:
+        table = np.where(table < zero_below, 0.0, table)
+        table /= table.sum(axis=1, keepdims=True)
+    table = table[:, :kmax + 1]  # the kernels are symmetric: taps −K … 0 say it all
+    return _KernelTable(vmax, np.ascontiguousarray(table[:-1].T, dtype), np.ascontiguousarray(np.diff(table, axis=0).T, dtype))
+
+
+def _interpolate_kernels(v: NDArray[np.float64], table: _KernelTable, out: NDArray, taps_first: bool) -> None:
+    """The kernels of variances ``v`` (…, P), all ≤ ``table.vmax``, into ``out`` (…, T, P)
+    with ``taps_first``, else (…, P, T): per tap w = base[j] + step[j]·t, from tables that
+    stay in cache; taps 1 … K copied from their mirror."""
+    kmax = table.base.shape[0] - 1
+    T = 2 * kmax + 1
+    pos = v * ((_N_VAR_NODES - 1) / table.vmax)
+    j = np.minimum(pos.astype(np.int64), _N_VAR_NODES - 2)
+    t = (pos - j).astype(out.dtype)
+    for tap in range(T):
+        if tap > kmax:
+            w = out[..., T - 1 - tap, :] if taps_first else out[..., T - 1 - tap]
+        else:
+            w = np.take(table.step[tap], j)
+            w *= t
+            w += np.take(table.base[tap], j)
+        if taps_first:
+            out[..., tap, :] = w
+        else:
+            out[..., tap] = w
 
 
 def restrict_band(weights: ArrayLike, offsets: ArrayLike, valid: ArrayLike | None = None, *,
@@ -352,7 +370,7 @@ TAP_TOL = 1e-5
 # widest one's). The variance moves by < 2·1e-7·K² ≈ 1e-5 px².
 ZERO_TOL = 1e-7
 # spectra per chunk when the kernels are built (bounds the temporaries)
-_BUILD_ROWS = 256
+_BUILD_ROWS = 32
 
 
 @dataclass
@@ -362,8 +380,9 @@ class BandKernels:
     pixels (from ``start``), for ``offsets`` (T,), renormalized over the modelled
     pixels (taps onto pixels the emulator does not model weigh 0); ``rel`` the modelled
     pixels' positions in the span, None where they are the whole span; ``reach``
-    (n, T, 2) per spectrum and tap the pixel range [lo, hi) outside which its weights
-    are 0."""
+    (T, 2) per tap the pixel range [lo, hi) outside which every spectrum's weights are
+    0, and ``half_width`` per spectrum the K beyond which its taps are 0 (a sharp
+    visit's kernel is narrower than the widest one): what an operator may skip."""
 
     weights: NDArray[np.float32]
     offsets: NDArray[np.int64]
@@ -371,6 +390,7 @@ class BandKernels:
     rel: NDArray[np.int64] | None
     n_sharper: NDArray[np.int64]  # per spectrum: pixels where the visit is sharper than σ_ref
     reach: NDArray[np.int64]
+    half_width: NDArray[np.int64]  # per spectrum: the largest |offset| of a tap that weighs something
 
     def rows(self, idx: NDArray[np.int64]) -> BandKernels:
         idx = np.asarray(idx, np.int64)
@@ -379,8 +399,8 @@ class BandKernels:
             sel: Any = slice(int(idx[0]), int(idx[-1]) + 1)
         else:
             sel = idx
-        return BandKernels(self.weights[sel], self.offsets, self.start, self.rel, self.n_sharper[sel],
-                           self.reach[sel])
+        return BandKernels(self.weights[sel], self.offsets, self.start, self.rel, self.n_sharper[sel], self.reach,
+                           self.half_width[sel])
 
     def apply(self, model: NDArray) -> NDArray[np.float64]:
         """The operator on full-grid spectra (n, P) in numpy (the modelled pixels are
@@ -423,33 +443,47 @@ def band_kernels(lsf_sigma: ArrayLike, sigma_ref: ArrayLike, pixel_mask: ArrayLi
     pix = np.flatnonzero(mask)
     p0, p1 = int(pix[0]), int(pix[-1]) + 1
     rel = None if len(pix) == p1 - p0 else pix - p0
-    d2max = float((sig[:, p0:p1] ** 2 - ref[p0:p1] ** 2).max()) if sig.size else 0.0
+    r2 = ref[p0:p1] ** 2
+    d2max = max((float((sig[a:a + _BUILD_ROWS, p0:p1] ** 2 - r2).max()) for a in range(0, len(sig), _BUILD_ROWS)),
+                default=0.0)
     kmax = band_halfwidth(np.sqrt(max(d2max, 0.0)), tol)
     n, S, T = len(sig), p1 - p0, 2 * kmax + 1
     weights = np.empty((n, T, S), np.float32)
     n_sharper = np.zeros(n, np.int64)
-    reach = np.zeros((n, T, 2), np.int64)
     valid = mask[p0:p1]
+    offsets = np.arange(-kmax, kmax + 1, dtype=np.int64)
+    # one table for all the spectra (so a kernel does not depend on the others it is
+    # built with), interpolated into the output in chunks of rows whose temporaries stay
+    # in cache: at 256 rows the (rows, S) float64 temporaries were fresh pages at every
+    # step, and building the kernels cost 40% of the fit they serve
+    table = _kernel_table(d2max, kmax, ZERO_TOL if tol > 0 else 0.0) if d2max > 0 and kmax > 0 else None
+    used = np.zeros((kmax + 1, S), bool)  # taps −K … 0: where some kernel weighs something
+    half_width = np.zeros(n, np.int64)
     for a in range(0, n, _BUILD_ROWS):
-        k = differential_kernel(sig[a:a + _BUILD_ROWS, p0:p1], ref[p0:p1], kmax=kmax, taps_first=True,
-                                zero_below=ZERO_TOL if tol > 0 else 0.0, dtype=np.float32)
+        b = min(n, a + _BUILD_ROWS)
+        v, sharper = differential_variance(sig[a:b, p0:p1], ref[p0:p1])
+        w = weights[a:b]
+        if table is None:  # every tap beyond the centre below the tolerance: the identity
+            w[...] = 0.0
+            w[:, kmax, :] = 1.0
+        else:
+            _interpolate_kernels(v, table, w, taps_first=True)
+        n_sharper[a:b] = (sharper if rel is None else sharper[:, rel]).sum(1)  # the modelled pixels only
         # where each tap weighs something: the kernels are symmetric before restrict_band
         # (which only zeroes taps), so taps −K … 0 tell, and +k reaches where −k does
-        nz = k.weights[:, :kmax + 1] != 0  # (rows, K+1, S)
-        has = nz.any(axis=2)
-        lo = np.where(has, nz.argmax(axis=2), S)  # empty: [S, 0)
-        hi = np.where(has, S - nz[:, :, ::-1].argmax(axis=2), 0)
-        reach[a:a + _BUILD_ROWS, :, 0] = np.concatenate([lo, lo[:, :kmax][:, ::-1]], axis=1)
-        reach[a:a + _BUILD_ROWS, :, 1] = np.concatenate([hi, hi[:, :kmax][:, ::-1]], axis=1)
-        w = restrict_band(k.weights, k.offsets, valid, taps_first=True, copy=False)
-        weights[a:a + _BUILD_ROWS] = w
-        n_sharper[a:a + _BUILD_ROWS] = (k.n_sharper if rel is None else  # the modelled pixels only
-                                        differential_variance(sig[a:a + _BUILD_ROWS, pix], ref[pix])[1].sum(1))
+        nz = w[:, :kmax + 1] != 0
+        used |= nz.any(axis=0)
+        half_width[a:b] = kmax - nz.any(axis=2).argmax(axis=1)
+        restrict_band(w, offsets, valid, taps_first=True, copy=False)
+    has = used.any(axis=1)
+    lo = np.where(has, used.argmax(axis=1), S)  # empty: [S, 0)
+    hi = np.where(has, S - used[:, ::-1].argmax(axis=1), 0)
+    reach = np.stack([np.concatenate([lo, lo[:kmax][::-1]]), np.concatenate([hi, hi[:kmax][::-1]])], axis=1)
     if n_sharper.any():
         log.info("LSF forward model: %d of %d spectra are sharper than σ_ref somewhere (%.2f%% of their modelled "
                  "pixels); the model is left at σ_ref there", int((n_sharper > 0).sum()), n,
                  100 * n_sharper.sum() / max(n * len(pix), 1))
-    return BandKernels(weights, np.arange(-kmax, kmax + 1, dtype=np.int64), p0, rel, n_sharper, reach)
+    return BandKernels(weights, offsets, p0, rel, n_sharper, reach, half_width)
 
 
 def homogenize(flux: ArrayLike, ivar: ArrayLike, sigma: ArrayLike, target: ArrayLike, *,

@@ -140,10 +140,10 @@ def test_jacobian_through_the_operator_is_exact():
         e[:, j] = h
         fd = (band.apply(net.model(x + e)) - band.apply(net.model(x - e))) / (2 * h)
         np.testing.assert_allclose(CJ[:, j].numpy(), fd.numpy(), atol=1e-7)
-    # autograd through the operator gives the same
-    xa = x[:1].clone().requires_grad_(True)
-    ja = torch.autograd.functional.jacobian(lambda z: band[[0]].apply(net.model(z))[0], xa)[:, 0, :]
-    np.testing.assert_allclose(ja.T.detach().numpy(), CJ[0].numpy(), atol=1e-10)
+    # the operator is the matrix of the kernels: C·J from the dense matrix (rows C·e_i)
+    S = blk.shape[2]
+    D = band[torch.zeros(S, dtype=torch.int64)].apply(torch.eye(S, dtype=torch.float64))  # D[i] = C·e_i
+    np.testing.assert_allclose((blk[0, 1:] @ D).numpy(), CJ[0].numpy(), atol=1e-10)
     # the fused, chunked normal equations equal the plain formulas with the broadened model
     f = torch.as_tensor(rng.normal(1, 0.05, (3, P)))
     w = torch.as_tensor(rng.uniform(100, 400, (3, P)))
@@ -155,6 +155,41 @@ def test_jacobian_through_the_operator_is_exact():
     np.testing.assert_allclose(g.numpy(), torch.einsum("blp,bp->bl", CJ, w * r).numpy(), rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(H.numpy(), torch.einsum("blp,bp,bmp->blm", CJ, w, CJ).numpy(), rtol=1e-10)
 
+
+
+def test_operator_rows_point_into_the_kernels_through_starts_and_compaction():
+    """The LM's rows (a spectrum's starts, the rows left as others converge) share their
+    spectrum's kernel; chunks that skip the taps a narrow kernel does not reach, and the
+    whitening applied after the taps, give the per-row formulas exactly."""
+    emu = _random_emulator()
+    net = _net_for(emu, "cpu", "float64", span=True)
+    rng = np.random.default_rng(6)
+    # one visit at σ_ref (identity kernel, half-width 0), narrow and broad ones
+    sig = emu.lsf_sigma_ref * np.array([1.0, 1.05, 1.5, 1.2, 1.6, 1.1])[:, None]
+    kern = lsf_kernels(emu, sig)
+    assert kern.half_width[0] == 0 and kern.half_width.max() == (len(kern.offsets) - 1) // 2
+    assert len(set(kern.half_width.tolist())) > 2
+    band = _Band.from_kernels(kern, 2, "cpu", torch.float64)  # two starts per spectrum
+    x = torch.as_tensor(rng.uniform(-0.3, 0.3, (12, 3)))
+    f = torch.as_tensor(rng.normal(1, 0.05, (12, net.P)))
+    w = torch.as_tensor(rng.uniform(100, 400, (12, net.P)))
+    keep = torch.tensor([0, 1, 3, 4, 5, 8, 9, 11])  # rows left after some converged
+    sf, bw = _whiten(f, w, band)
+    chi2, g, H = _normal_equations_lsf(net, x[keep], sf[keep], bw[keep])
+    blk = net.model_jac_block(x[keep])
+    spec = keep.numpy() // 2
+    one = [_Band.from_kernels(kern.rows(np.array([i])), 1, "cpu", torch.float64) for i in spec]
+    R = torch.stack([one[j].apply(blk[j:j + 1])[0] for j in range(len(spec))])  # C·[m | J] per row
+    r = f[keep] - R[:, 0]
+    wk = w[keep]
+    np.testing.assert_allclose(chi2.numpy(), (wk * r * r).sum(1).numpy(), rtol=1e-10)
+    np.testing.assert_allclose(g.numpy(), torch.einsum("blp,bp->bl", R[:, 1:], wk * r).numpy(), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(H.numpy(), torch.einsum("blp,bp,bmp->blm", R[:, 1:], wk, R[:, 1:]).numpy(),
+                               rtol=1e-10)
+    # and each row's operator is its spectrum's kernel in the gather form
+    for j, i in enumerate(spec):
+        want = lsf.apply_band(blk[j].numpy(), np.swapaxes(kern.weights[i], 0, 1), kern.offsets)
+        np.testing.assert_allclose(R[j].numpy(), want, atol=1e-12)
 
 # --- the fit --------------------------------------------------------------------------
 
