@@ -374,6 +374,10 @@ class TrainConfig:
     # a warm start (the label-outlier retraining): the second emulator starts from the
     # first one's weights and runs this fraction of the first one's schedule
     warm_fraction: float = 0.3
+    # an exponential moving average of the weights over the optimizer steps (decay per
+    # step; 0 = off): the test loss, early stopping and the emulator kept use the
+    # averaged weights (torch.optim.swa_utils), which smooth out the last steps' noise
+    ema_decay: float = 0.0
     max_minutes: float = 9.0  # wall-clock cap on training
     error_floor: float = 0.01  # σ added in quadrature to the pixel errors in the loss weights
     # "huber": quadratic within huber_delta σ, linear beyond, so that stars with wrong
@@ -398,6 +402,8 @@ class TrainConfig:
         check_device(self.device, "emulator.device")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"emulator.lr_schedule: unknown schedule {self.lr_schedule!r}; use one of {LR_SCHEDULES}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"emulator.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.cosine_epochs < 1 or not 0 < self.warm_fraction <= 1:
             raise ValueError(f"emulator.cosine_epochs must be ≥ 1 and emulator.warm_fraction in (0, 1], got "
                              f"{self.cosine_epochs} and {self.warm_fraction}")
@@ -672,8 +678,15 @@ def train_emulator(labels: NDArray, flux: NDArray, ivar: NDArray, *, label_names
     else:
         Ktr = Kte = None
 
-    def loss_fn(x: Any, sw: Any, b: Any, ws: Any, kw: Any = None) -> Any:
-        out = model(x)
+    # the averaged weights (ema_decay > 0): a copy updated after every step
+    ema = None
+    if config.ema_decay > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=False)
+
+    def loss_fn(x: Any, sw: Any, b: Any, ws: Any, kw: Any = None, net: Any = model) -> Any:
+        out = net(x)
         if kw is not None:
             out = broaden_band_torch(out, kw, offsets, rel)
         return whitened_loss(sw * out, b, ws.sum(), error_floor=config.error_floor, kind=config.loss,
@@ -694,10 +707,12 @@ def train_emulator(labels: NDArray, flux: NDArray, ivar: NDArray, *, label_names
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if ema is not None:
+                ema.update_parameters(model)
             tot += float(loss.detach()) * len(b)
         model.eval()
         with torch.no_grad():
-            te_loss = float(loss_fn(Xte, SWte, Bte, WSte, Kte))
+            te_loss = float(loss_fn(Xte, SWte, Bte, WSte, Kte, net=model if ema is None else ema.module))
         history["train"].append(tot / len(tr))
         history["test"].append(te_loss)
         history["lr"].append(opt.param_groups[0]["lr"])
@@ -707,7 +722,8 @@ def train_emulator(labels: NDArray, flux: NDArray, ivar: NDArray, *, label_names
             sched.step(te_loss)
         epochs_run = epoch + 1
         if te_loss < best[0]:
-            best = (te_loss, epoch, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+            kept = model if ema is None else ema.module
+            best = (te_loss, epoch, {k: v.detach().cpu().clone() for k, v in kept.state_dict().items()})
         elif config.lr_schedule == "plateau" and epoch - best[1] >= patience:
             log.info("early stop at epoch %d (best test loss %.3g at epoch %d)", epoch, best[0], best[1])
             break
