@@ -53,3 +53,48 @@ def test_deviations_are_from_each_stars_median():
     d = deviations(fits)
     np.testing.assert_allclose(d[:, 0, 0], [-100.0, 0.0, 200.0])
     np.testing.assert_allclose(d[:, 0, 1], [0.0, 0.1, 0.0], atol=1e-12)
+
+
+def test_a_real_combspec_catalogue_is_read_normalized_and_checked(tmp_path):
+    """A mastar-combspec file: its percentile from the name, its flux continuum-normalized
+    as the build does, each star's target LSF from its DISP where it has one and from the
+    visits' percentile curve where not; a star twice, a name without the percentile and a
+    foreign wavelength grid are refused with the file named."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from mastar_vac.errors import MastarVacError
+    from mastar_vac.fit import disp_to_pixels
+    from mastar_vac.io.combspec import write_combspec
+    from mastar_vac.studies.resolution import combspec_catalogue
+    from mastar_vac.wavegrid import mastar_wavelength
+
+    wave = mastar_wavelength()
+    P = len(wave)
+    rng = np.random.default_rng(1)
+    flux = np.full((3, P), 5.0, np.float32) * np.array([1.0, 2.0, 3.0], np.float32)[:, None]
+    disp = np.full((3, P), np.nan, np.float32)
+    disp[1] = (wave / 1800 / 2.355).astype(np.float32)  # one star with its own target LSF (Å)
+    cols = {"MANGAID": np.array(["1-3", "1-1", "1-2"]), "FLUX": flux, "IVAR": np.full((3, P), 4.0, np.float32),
+            "MASK": np.zeros((3, P), np.int32), "DISP": disp}
+    path = write_combspec(tmp_path / "mastar-combspec-v3_1_1-v1_7_7-lsfpercent90.fits", cols)
+    visit_sigma = rng.uniform(1.0, 1.4, (50, P))
+    norm = SimpleNamespace(window=400, min_count=40)
+    p, cat = combspec_catalogue(path, wave=wave, visit_sigma=visit_sigma, normalize=norm)
+    assert p == 90.0 and cat["ids"].tolist() == ["1-1", "1-2", "1-3"]  # sorted by MANGAID
+    np.testing.assert_allclose(cat["flux"], 1.0, atol=1e-6)  # flat spectra normalize to 1
+    np.testing.assert_allclose(cat["ivar"][0], 4.0 * 10.0**2, rtol=1e-5)  # ivar × continuum²
+    np.testing.assert_allclose(cat["sigma"][0], disp_to_pixels(disp[1:2], wave)[0], rtol=1e-6)  # its DISP
+    np.testing.assert_allclose(cat["sigma"][1], np.percentile(visit_sigma, 90, axis=0))  # the curve
+    # refused, with the file named
+    twice = dict(cols, MANGAID=np.array(["1-3", "1-1", "1-3"]))
+    bad = write_combspec(tmp_path / "mastar-combspec-lsfpercent60.fits", twice)
+    with pytest.raises(MastarVacError, match=r"lsfpercent60.*MANGAID 1-3 is in rows \[0, 2\]"):
+        combspec_catalogue(bad, wave=wave, visit_sigma=visit_sigma, normalize=norm)
+    noname = write_combspec(tmp_path / "combined.fits", cols)
+    with pytest.raises(MastarVacError, match="combined.fits.*percentile"):
+        combspec_catalogue(noname, wave=wave, visit_sigma=visit_sigma, normalize=norm)
+    other = write_combspec(tmp_path / "x-lsfpercent75.fits", dict(cols, WAVE=np.broadcast_to(wave * 1.001, (3, P))))
+    with pytest.raises(MastarVacError, match="x-lsfpercent75.fits"):
+        combspec_catalogue(other, wave=wave, visit_sigma=visit_sigma, normalize=norm)

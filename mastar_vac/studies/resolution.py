@@ -16,9 +16,16 @@ star's median over the four, against Teff, per label, for both modes; ``table.tx
 ``table.json``: the median |deviation| per label and Teff range, and the median
 deviation per catalogue (the sign says which way a sharper catalogue moves).
 
-A combspec file given as ``[inputs] combspec`` is refused by the build today (its reader
-exists, its layout is unconfirmed: datamodels.md §1.11); this study builds the four
-catalogues from the cube, which is what the real files are made from.
+The real catalogues, when you have them, are read instead (``--combspec FILE …``, one
+file per percentile, P from the name ``…-lsfpercentP.fits``): one row per star, MANGAID,
+WAVE, FLUX, IVAR and MASK required (datamodels.md §1.11; the layout is unconfirmed, so
+the reader checks each file's columns, vector lengths and wavelength grid — it must be
+the cube's — and names the file, row and column of what it refuses). Their flux is
+continuum-normalized as the build normalizes visits (``[normalize]``). A file with a
+``DISP`` column gives each star's target LSF; without one the target is the P-th
+percentile curve of the cube's visits' DISP, the catalogue's definition. Stars are
+matched by MANGAID; a star twice in one file is an error. (The build still refuses
+``[inputs] combspec``: a catalogue of co-added stars is this study's input, not a run's.)
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,7 +43,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["PERCENTILES", "homogenized_catalogues", "run_study", "main"]
+__all__ = ["PERCENTILES", "combspec_catalogue", "homogenized_catalogues", "run_study", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +74,60 @@ def homogenized_catalogues(star_ids: NDArray, flux: NDArray, ivar: NDArray, sigm
         f, iv = homogenize(flux[sel], ivar[sel], np.minimum(sig[sel], curve[None, :]), curve)
         ids, groups = np.unique(np.asarray(star_ids)[sel], return_inverse=True)
         cf, ci = coadd(f, iv, groups, len(ids))
-        out[p] = {"ids": ids, "flux": cf, "ivar": ci, "curve": curve,
-                  "n_visits": int(len(sel)), "n_visits_total": int(len(sig))}
+        out[p] = {"ids": ids, "flux": cf, "ivar": ci, "curve": curve, "sigma": np.broadcast_to(curve, cf.shape),
+                  "n_visits": int(len(sel)), "n_visits_total": int(len(sig)), "source": "cube"}
         log.info("LSF percentile %g: %d of %d visits sharper than the curve everywhere, %d stars", p, len(sel),
                  len(sig), len(ids))
     return out
+
+
+_PERCENT = re.compile(r"lsfpercent(\d+(?:\.\d+)?)")
+
+
+def combspec_catalogue(path: Path, *, wave: NDArray, visit_sigma: NDArray, normalize: Any,
+                       bad_mask_bits: int = -1) -> tuple[float, dict[str, Any]]:
+    """One real LSF-homogenized catalogue (``mastar-combspec-…-lsfpercentP.fits``): its
+    percentile P from the file name, its stars' spectra continuum-normalized as the build
+    normalizes (``normalize``: the ``[normalize]`` settings), and each star's target LSF
+    σ in pixels of ``wave`` — the file's DISP where it has one, else the P-th percentile
+    curve of ``visit_sigma`` (the visits' σ in pixels, (n, P)). Same keys as
+    :func:`homogenized_catalogues`' entries."""
+    from ..errors import InputFileError
+    from ..fit import disp_to_pixels
+    from ..io.combspec import CombspecReader
+    from ..normalize import normalize_spectra
+
+    path = Path(path)
+    m = _PERCENT.search(path.name)
+    if m is None:
+        raise InputFileError(path, "the file name does not say which LSF percentile it holds",
+                             expected="a name containing lsfpercentP, e.g. mastar-combspec-v3_1_1-v1_7_7-"
+                                      "lsfpercent99.5.fits")
+    p = float(m.group(1))
+    parts: dict[str, list] = {"ids": [], "flux": [], "ivar": [], "mask": [], "disp": []}
+    with CombspecReader(path, wave=np.asarray(wave), npix=len(wave)) as r:
+        for blk in r.iter_blocks(1024):
+            parts["ids"].append(blk.meta["MANGAID"])
+            for k in ("flux", "ivar", "mask", "disp"):
+                parts[k].append(getattr(blk, k))
+    ids = np.concatenate(parts["ids"]).astype(str)
+    uniq, first, counts = np.unique(ids, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        dup = uniq[counts > 1][0]
+        rows = np.flatnonzero(ids == dup)
+        raise InputFileError(path, f"MANGAID {dup} is in rows {rows.tolist()}", row=int(rows[1]), column="MANGAID",
+                             expected="one row per star")
+    flux, ivar, mask, disp = (np.concatenate(parts[k])[first] for k in ("flux", "ivar", "mask", "disp"))
+    nf, ni = normalize_spectra(flux, ivar, mask, window=normalize.window, min_count=normalize.min_count,
+                               bad_mask_bits=bad_mask_bits)
+    curve = np.nanpercentile(np.where(np.isfinite(visit_sigma) & (visit_sigma > 0), visit_sigma, np.nan), p, axis=0)
+    sigma = disp_to_pixels(disp, np.asarray(wave))
+    has = (np.isfinite(sigma) & (sigma > 0)).all(axis=1)
+    sigma = np.where(has[:, None], sigma, curve[None, :])
+    log.info("%s: LSF percentile %g, %d stars; target LSF from its DISP for %d, from the visits' %g percentile "
+             "curve for %d", path.name, p, len(uniq), int(has.sum()), p, int((~has).sum()))
+    return p, {"ids": uniq, "flux": nf, "ivar": ni, "curve": curve, "sigma": sigma, "n_visits": None,
+               "n_visits_total": int(len(visit_sigma)), "source": str(path)}
 
 
 def deviations(fits: dict[float, NDArray]) -> NDArray[np.float64]:
@@ -87,9 +144,10 @@ def median_teff(fitted: dict[float, NDArray], t: int) -> NDArray[np.float64]:
 
 
 def run_study(ignore_output: Path, forward_output: Path, *, ignore_config: Any, forward_config: Any,
-              out_dir: Path) -> dict[str, Any]:
-    """Make the four catalogues from the ignore build's cube, fit them with both builds'
-    emulators, write the table and the figure."""
+              out_dir: Path, combspec: Sequence[Path] = ()) -> dict[str, Any]:
+    """Make the four catalogues from the ignore build's cube (or read them from the real
+    ``combspec`` files), fit them with both builds' emulators, write the table and the
+    figure."""
     from ..emulator import load_emulator
     from ..fit import disp_to_pixels, fit_spectra
     from ..io.cube import open_cube
@@ -107,31 +165,44 @@ def run_study(ignore_output: Path, forward_output: Path, *, ignore_config: Any, 
     cube = open_cube(ignore_output / "cube.zarr")
     wave = cube["wave"].values
     sigma = disp_to_pixels(cube["disp"].values, wave)
-    cats = homogenized_catalogues(cube["mangaid"].values.astype(str), cube["norm_flux"].values,
-                                  cube["norm_ivar"].values, sigma)
+    if combspec:
+        cats = dict(combspec_catalogue(f, wave=wave, visit_sigma=sigma, normalize=ignore_config.normalize,
+                                       bad_mask_bits=ignore_config.cube.bad_mask_bits) for f in combspec)
+        if len(cats) < 2:
+            raise SystemExit(f"--combspec: {len(combspec)} file(s) for {len(cats)} percentile(s); the study compares "
+                             f"at least two")
+    else:
+        cats = homogenized_catalogues(cube["mangaid"].values.astype(str), cube["norm_flux"].values,
+                                      cube["norm_ivar"].values, sigma)
+    percentiles = sorted(cats)
+    cats = {p: cats[p] for p in percentiles}
     common = sorted(set.intersection(*(set(c["ids"].tolist()) for c in cats.values())))
-    log.info("%d stars are in all four catalogues", len(common))
+    log.info("%d stars are in all %d catalogues", len(common), len(cats))
     fitted: dict[str, dict[float, NDArray]] = {m: {} for m in MODES}
     failed: dict[str, dict[str, int]] = {m: {} for m in MODES}  # fits that gave no labels, per catalogue
     for p, c in cats.items():
         rows = np.searchsorted(c["ids"], common)
         for mode in MODES:
-            lsf_sigma = np.broadcast_to(c["curve"], (len(rows), len(wave))) if mode == "forward" else None
+            lsf_sigma = c["sigma"][rows] if mode == "forward" else None
             res = fit_spectra(emus[mode], c["flux"][rows], c["ivar"][rows], config=fit_cfg[mode], lsf_sigma=lsf_sigma)
             fitted[mode][p] = res.labels
             failed[mode][f"{p:g}"] = int((~np.isfinite(res.labels).all(axis=1)).sum())
     names = emus["ignore"].label_names
     t = names.index("TEFF")
-    summary: dict[str, Any] = {"n_stars": len(common), "percentiles": list(PERCENTILES),
+    summary: dict[str, Any] = {"n_stars": len(common), "percentiles": percentiles,
+                               "sources": {str(p): c["source"] for p, c in cats.items()},
                                "visits_used": {str(p): c["n_visits"] for p, c in cats.items()},
-                               "n_visits": cats[PERCENTILES[0]]["n_visits_total"], "failed_fits": failed,
+                               "n_visits": cats[percentiles[0]]["n_visits_total"], "failed_fits": failed,
                                "modes": {}}
-    used = ", ".join(f"{p:g}: {c['n_visits']}" for p, c in cats.items())
-    lines = [f"§5.1: {len(common)} stars in all four LSF-homogenized catalogues (visits used per percentile: "
-             f"{used} of {summary['n_visits']})",
+    if combspec:
+        made = "read from " + ", ".join(Path(c["source"]).name for c in cats.values())
+    else:
+        made = ("built from the cube; visits used per percentile: "
+                + ", ".join(f"{p:g}: {c['n_visits']}" for p, c in cats.items()) + f" of {summary['n_visits']}")
+    lines = [f"§5.1: {len(common)} stars in all {len(cats)} LSF-homogenized catalogues ({made})",
              "failed fits (no labels; left out of the medians) per catalogue: "
              + "; ".join(f"{m} " + ", ".join(f"P{p} {k}" for p, k in failed[m].items()) for m in MODES),
-             "median |deviation from the star's median over the four catalogues|"]
+             "median |deviation from the star's median over the catalogues|"]
     lines.append(f"{'mode':<9}{'Teff range':<16}{'N':>5}" + "".join(f"{n:>12}" for n in names))
     for mode in MODES:
         dev = deviations(fitted[mode])
@@ -144,11 +215,11 @@ def run_study(ignore_output: Path, forward_output: Path, *, ignore_config: Any, 
             lines.append(f"{mode:<9}{rng_name:<16}{int(sel.sum()):>5}"
                          + "".join(f"{ms[rng_name][n]:>12.4g}" for n in names))
         ms["median_deviation_per_catalogue"] = {str(p): {n: float(np.nanmedian(dev[k, :, j])) for j, n in
-                                                         enumerate(names)} for k, p in enumerate(PERCENTILES)}
+                                                         enumerate(names)} for k, p in enumerate(percentiles)}
         summary["modes"][mode] = ms
     lines.append("median deviation per catalogue (sharpest first): a trend with the percentile is the LSF's effect")
     for mode in MODES:
-        for p in PERCENTILES:
+        for p in percentiles:
             d = summary["modes"][mode]["median_deviation_per_catalogue"][str(p)]
             lines.append(f"{mode:<9}{'P' + format(p, 'g'):<16}{'':>5}" + "".join(f"{d[n]:>+12.4g}" for n in names))
     ratio = {n: summary["modes"]["ignore"]["all"][n] / max(summary["modes"]["forward"]["all"][n], 1e-12)
@@ -177,14 +248,15 @@ def _figure(path: Path, fitted: dict[str, dict[float, NDArray]], names: Sequence
 
     t = list(names).index("TEFF")
     fig, axes = plt.subplots(len(MODES), len(names), figsize=(4.2 * len(names), 3.2 * len(MODES)), squeeze=False)
-    colours = plt.cm.viridis(np.linspace(0, 0.9, len(PERCENTILES)))
+    percentiles = sorted(fitted[MODES[0]])
+    colours = plt.cm.viridis(np.linspace(0, 0.9, len(percentiles)))
     devs = {mode: deviations(fitted[mode]) for mode in MODES}
     for r, mode in enumerate(MODES):
         dev = devs[mode]
         teff = median_teff(fitted[mode], t)
         for j, n in enumerate(names):
             ax = axes[r, j]
-            for k, p in enumerate(PERCENTILES):
+            for k, p in enumerate(percentiles):
                 ax.scatter(teff, dev[k, :, j], s=3, alpha=0.5, color=colours[k], label=f"P{p:g}")
             ax.axhline(0, color="k", lw=0.5)
             _teff_axis(ax, teff)
@@ -194,7 +266,7 @@ def _figure(path: Path, fitted: dict[str, dict[float, NDArray]], names: Sequence
             ax.set_ylim(-lim, lim)
             ax.set_title(f"{n}, lsf = {mode!r}", fontsize=9)
             if r == len(MODES) - 1:
-                ax.set_xlabel("Teff (K), median over the four")
+                ax.set_xlabel("Teff (K), median over the catalogues")
             if j == 0:
                 ax.set_ylabel("catalogue − star median")
     axes[0, 0].legend(fontsize=7, markerscale=3)
@@ -212,6 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--forward-config", type=Path, default=Path("pipelines/demo_forward.toml"),
                     help="the lsf = 'forward' build's configuration")
     ap.add_argument("--out", type=Path, default=None, help="where to write (default <ignore output>/studies/resolution)")
+    ap.add_argument("--combspec", type=Path, nargs="+", default=(), metavar="FILE",
+                    help="real mastar-combspec-…-lsfpercentP.fits files to fit instead of catalogues built from the cube")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -221,7 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cf.fit.lsf != "forward":
             raise SystemExit(f"{args.forward_config}: [fit] lsf is {cf.fit.lsf!r}, not 'forward'")
         oi, of = Path(ci.output.dir), Path(cf.output.dir)
-        run_study(oi, of, ignore_config=ci, forward_config=cf, out_dir=args.out or oi / "studies" / "resolution")
+        run_study(oi, of, ignore_config=ci, forward_config=cf, out_dir=args.out or oi / "studies" / "resolution",
+                  combspec=args.combspec)
     except MastarVacError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
