@@ -243,8 +243,9 @@ def _validate(cfg: Config) -> None:
     if cfg.inputs.combspec is not None:
         # accepted and never read would be a silent key: refuse it until something reads it
         raise ConfigError(f"{where}: inputs.combspec = {cfg.inputs.combspec}: the LSF-homogenized combined "
-                          "spectra are the input of the resolution study (paper §5.1), which this version does "
-                          "not run; remove the key (the build reads goodspec)")
+                          "spectra are the input of the resolution study (paper §5.1), not of a build: give the "
+                          "files to `python -m mastar_vac.studies.resolution --combspec FILE ...` and remove the "
+                          "key (the build reads goodspec)")
     if cfg.cube.chunk < 1:
         raise ConfigError(f"{where}: cube.chunk must be >= 1, got {cfg.cube.chunk}")
     if cfg.normalize.window < 3:
