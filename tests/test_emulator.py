@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -84,7 +85,7 @@ def test_cosine_schedule_runs_its_length_and_keeps_the_best_state():
 
 
 
-def test_weight_average_keeps_the_averaged_weights_and_generalizes_better():
+def test_weight_average_keeps_the_averaged_weights_and_generalizes_better(caplog):
     """With ema_decay the emulator kept is the moving average of the weights, which on
     noisy spectra and a fast learning rate is closer to the noiseless truth on stars it
     never saw than the last weights are."""
@@ -101,7 +102,13 @@ def test_weight_average_keeps_the_averaged_weights_and_generalizes_better():
         err = (r.emulator.predict(lab[v]) - clean[v])[:, r.emulator.pixel_mask]
         rms[decay] = float(np.sqrt((err**2).mean()))
         assert r.emulator.config["ema_decay"] == decay
+        assert r.emulator.metrics["averaged_weights"] == (decay > 0)
     assert rms[0.98] < 0.95 * rms[0.0], rms
+    # a training too short for the average: said, not silently kept
+    with caplog.at_level(logging.WARNING, logger="mastar_vac.emulator"):
+        train_emulator(lab, flux, ivar, label_names=LABELS, wave=mastar_wavelength(),
+                       config=dataclasses.replace(cfg, max_epochs=3, ema_decay=0.999), progress=False)
+    assert "ema_decay = 0.999 averages over ~1000 optimizer steps" in caplog.text
     with pytest.raises(ValueError, match="ema_decay"):
         TrainConfig(ema_decay=1.0)
 
