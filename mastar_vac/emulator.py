@@ -698,7 +698,12 @@ def train_emulator(labels: NDArray, flux: NDArray, ivar: NDArray, *, label_names
             torch._foreach_add_(avg, p, alpha=(1.0 - decay) / norm)
 
         ema = AveragedModel(model, multi_avg_fn=average, use_buffers=False)
-        steps = n_epochs * -(-len(tr) // min(config.batch_size, len(tr)))
+        per_epoch = -(-len(tr) // min(config.batch_size, len(tr)))
+        steps = n_epochs * per_epoch
+        # the averaged weights lag the current ones by ~1/(1 − d) steps: early stopping waits
+        # at least twice that (a warm start's shorter patience otherwise stopped it before
+        # the average had moved from its starting weights)
+        patience = max(patience, int(np.ceil(2.0 / (1.0 - decay) / per_epoch)))
         if steps < 3.0 / (1.0 - decay):
             log.warning("emulator.ema_decay = %g averages over ~%d optimizer steps, and this training has at most %d: "
                         "the average will still hold the first steps' weights", decay, round(1 / (1 - decay)), steps)
