@@ -680,6 +680,7 @@ def train_emulator(labels: NDArray, flux: NDArray, ivar: NDArray, *, label_names
     else:
         Ktr = Kte = None
 
+    bs = min(config.batch_size, len(tr))
     # the averaged weights (ema_decay > 0): a copy updated after every step
     ema = None
     if config.ema_decay > 0:
@@ -698,7 +699,7 @@ def train_emulator(labels: NDArray, flux: NDArray, ivar: NDArray, *, label_names
             torch._foreach_add_(avg, p, alpha=(1.0 - decay) / norm)
 
         ema = AveragedModel(model, multi_avg_fn=average, use_buffers=False)
-        per_epoch = -(-len(tr) // min(config.batch_size, len(tr)))
+        per_epoch = -(-len(tr) // bs)
         steps = n_epochs * per_epoch
         # the averaged weights lag the current ones by ~1/(1 − d) steps: early stopping waits
         # at least twice that (a warm start's shorter patience otherwise stopped it before
@@ -717,7 +718,6 @@ def train_emulator(labels: NDArray, flux: NDArray, ivar: NDArray, *, label_names
     history: dict[str, list[float]] = {"train": [], "test": [], "lr": []}
     best = (np.inf, 0, None)
     gen = torch.Generator(device="cpu").manual_seed(config.seed)
-    bs = min(config.batch_size, len(tr))
     epochs_run = 0
     bar = progress_bar(range(n_epochs), desc="train emulator", unit="epoch", disable=not progress)
     for epoch in bar:

@@ -46,7 +46,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .emulator import Emulator, resolve_device
-from .lsf import TAP_TOL, BandKernels
+from .lsf import TAP_TOL, BandKernels, run_slice
 
 __all__ = [
     "DEFAULT_BOUNDS",
@@ -917,8 +917,9 @@ class _Band:
             return self.weights[a:b], self.n_taps[int(self.half_width[a:b].max())]
         ids = self.row_of[a:b]
         K = self.n_taps[int(self.half_width[ids].max())]
-        if ids[-1] - ids[0] == b - a - 1 and (b - a == 1 or np.all(np.diff(ids) == 1)):
-            return self.weights[int(ids[0]):int(ids[0]) + b - a], K
+        run = run_slice(ids)
+        if run is not None:
+            return self.weights[run], K
         if np.all(ids == ids[0]):  # one spectrum's starts
             return self.weights[int(ids[0]):int(ids[0]) + 1], K
         return self.weights.index_select(0, torch.as_tensor(ids, device=self.weights.device)), K

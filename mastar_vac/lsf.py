@@ -374,6 +374,14 @@ ZERO_TOL = 1e-7
 _BUILD_ROWS = 32
 
 
+def run_slice(idx: NDArray[np.int64]) -> slice | None:
+    """``idx`` as a slice when it is a run of consecutive indices (so that rows can be
+    taken as a view), else None."""
+    if idx.size and idx[-1] - idx[0] == idx.size - 1 and np.all(np.diff(idx) == 1):
+        return slice(int(idx[0]), int(idx[-1]) + 1)
+    return None
+
+
 @dataclass
 class BandKernels:
     """Every spectrum's differential kernel on the modelled pixels, in the layout the
@@ -396,10 +404,8 @@ class BandKernels:
     def rows(self, idx: NDArray[np.int64]) -> BandKernels:
         idx = np.asarray(idx, np.int64)
         # a batch is usually a run of consecutive spectra: a view, not a copy of its kernels
-        if idx.size and idx[-1] - idx[0] == idx.size - 1 and np.all(np.diff(idx) == 1):
-            sel: Any = slice(int(idx[0]), int(idx[-1]) + 1)
-        else:
-            sel = idx
+        run = run_slice(idx)
+        sel: Any = idx if run is None else run
         return BandKernels(self.weights[sel], self.offsets, self.start, self.rel, self.n_sharper[sel], self.reach,
                            self.half_width[sel])
 

@@ -43,13 +43,22 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["PERCENTILES", "combspec_catalogue", "homogenized_catalogues", "run_study", "main"]
+__all__ = ["PERCENTILES", "combspec_catalogue", "homogenized_catalogues", "percentile_curve", "run_study", "main"]
 
 log = logging.getLogger(__name__)
 
 PERCENTILES = (60.0, 75.0, 90.0, 99.5)
 MODES = ("ignore", "forward")
 TEFF_RANGES = (("all", 0.0, np.inf), ("Teff < 6000 K", 0.0, 6000.0), ("Teff > 6000 K", 6000.0, np.inf))
+
+
+def percentile_curve(sigma: NDArray, p: float) -> NDArray[np.float64]:
+    """The per-pixel P-th percentile of the visits' LSF σ (n, P), over the visits whose σ
+    is usable (finite, > 0) at every pixel: the curve a catalogue is homogenized to."""
+    from ..lsf import reference_sigma
+
+    usable = (np.isfinite(sigma) & (sigma > 0)).all(axis=1)
+    return reference_sigma(sigma[usable], p)
 
 
 def homogenized_catalogues(star_ids: NDArray, flux: NDArray, ivar: NDArray, sigma: NDArray, *,
@@ -69,7 +78,7 @@ def homogenized_catalogues(star_ids: NDArray, flux: NDArray, ivar: NDArray, sigm
     usable = np.isfinite(sig).all(axis=1)
     out: dict[float, dict[str, Any]] = {}
     for p in percentiles:
-        curve = np.nanpercentile(sig[usable], p, axis=0)
+        curve = percentile_curve(sigma, p)
         sel = np.flatnonzero(usable & (sig <= curve[None, :] * (1 + tolerance)).all(axis=1))
         f, iv = homogenize(flux[sel], ivar[sel], np.minimum(sig[sel], curve[None, :]), curve)
         ids, groups = np.unique(np.asarray(star_ids)[sel], return_inverse=True)
@@ -120,7 +129,7 @@ def combspec_catalogue(path: Path, *, wave: NDArray, visit_sigma: NDArray, norma
     flux, ivar, mask, disp = (np.concatenate(parts[k])[first] for k in ("flux", "ivar", "mask", "disp"))
     nf, ni = normalize_spectra(flux, ivar, mask, window=normalize.window, min_count=normalize.min_count,
                                bad_mask_bits=bad_mask_bits)
-    curve = np.nanpercentile(np.where(np.isfinite(visit_sigma) & (visit_sigma > 0), visit_sigma, np.nan), p, axis=0)
+    curve = percentile_curve(visit_sigma, p)
     sigma = disp_to_pixels(disp, np.asarray(wave))
     has = (np.isfinite(sigma) & (sigma > 0)).all(axis=1)
     sigma = np.where(has[:, None], sigma, curve[None, :])
